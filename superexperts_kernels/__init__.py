@@ -1,0 +1,23 @@
+"""Fused kernels for profiling Super Experts, registered as ``torch.ops.superexperts.*``.
+
+Ops:
+
+- `moe_down_proj_profile`: grouped expert down_proj with per-expert max |y| (and
+  where), max |x| and row counts reduced in the same pass.
+
+`backends()` tells which implementation serves each op on each device type;
+`set_backend` / `use_backend` override the choice.
+"""
+
+from ._backend import backends, set_backend, use_backend
+from .moe_down_proj_profile import DownProjProfile, moe_down_proj_profile
+
+__all__ = [
+    "DownProjProfile",
+    "backends",
+    "moe_down_proj_profile",
+    "set_backend",
+    "use_backend",
+]
+
+__version__ = "0.1.0"
