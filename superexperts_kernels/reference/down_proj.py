@@ -44,35 +44,41 @@ def moe_down_proj_profile_reference(
     hidden = w_down.shape[2] if w_transposed else w_down.shape[1]
     dev = x.device
 
+    ends = offsets.to(torch.int64)
+    rows = torch.diff(ends, prepend=ends.new_zeros(1))
     y = torch.zeros(num_rows, hidden, dtype=x.dtype, device=dev)
+    start = 0
+    for e, end in enumerate(ends.tolist()):
+        if end > start:
+            we = w_down[e].float()
+            acc = x[start:end].float() @ (we if w_transposed else we.t())
+            if bias is not None:
+                acc += bias[e].float()
+            y[start:end] = acc.to(x.dtype)
+        start = end
+
     out_absmax = torch.zeros(num_experts, dtype=torch.float32, device=dev)
     out_argmax = torch.full((num_experts, 2), -1, dtype=torch.int64, device=dev)
     in_absmax = torch.zeros(num_experts, dtype=torch.float32, device=dev)
     channel_absmax = torch.zeros(num_experts, hidden if channel_stats else 0, dtype=torch.float32, device=dev)
+    routed = int(ends[-1]) if num_experts else 0
+    if not with_stats or routed == 0:
+        return y, out_absmax, out_argmax, in_absmax, rows, channel_absmax
 
-    ends = offsets.to(torch.int64)
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    rows = ends - starts
-
-    start = 0
-    for e, end in enumerate(ends.tolist()):
-        if end > start:
-            xe = x[start:end].float()
-            we = w_down[e].float()
-            acc = xe @ (we if w_transposed else we.t())
-            if bias is not None:
-                acc += bias[e].float()
-            ye = acc.to(x.dtype)
-            y[start:end] = ye
-            if with_stats:
-                a = ye.float().abs_()
-                flat = int(a.argmax())
-                out_absmax[e] = a.view(-1)[flat]
-                row, channel = start + flat // hidden, flat % hidden
-                out_argmax[e, 0] = int(row_token[row]) if row_token is not None else row
-                out_argmax[e, 1] = channel
-                in_absmax[e] = xe.abs().max()
-                if channel_stats:
-                    channel_absmax[e] = a.amax(dim=0)
-        start = end
+    # Segment reductions over the routed rows; ties go to the first row, then the first channel.
+    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=dev), rows)
+    a = y[:routed].float().abs()
+    row_max, row_channel = a.max(dim=1)
+    out_absmax.scatter_reduce_(0, expert_of_row, row_max, "amax")
+    row_ids = torch.arange(routed, device=dev)
+    first = torch.full((num_experts,), routed, dtype=torch.int64, device=dev)
+    first.scatter_reduce_(0, expert_of_row, torch.where(row_max == out_absmax[expert_of_row], row_ids, routed), "amin")
+    has_rows = rows > 0
+    row = first.clamp(max=routed - 1)
+    located = row_token.to(torch.int64)[row] if row_token is not None else row
+    out_argmax[:, 0] = torch.where(has_rows, located, -1)
+    out_argmax[:, 1] = torch.where(has_rows, row_channel[row], -1)
+    in_absmax.scatter_reduce_(0, expert_of_row, x[:routed].float().abs().amax(dim=1), "amax")
+    if channel_stats:
+        channel_absmax.index_reduce_(0, expert_of_row, a, "amax")
     return y, out_absmax, out_argmax, in_absmax, rows, channel_absmax

@@ -1,0 +1,277 @@
+"""Streaming statistics of one profiling run.
+
+Everything is a running maximum, sum or count kept on the model's device, so memory
+does not grow with the number of calibration batches and no host sync happens per
+batch. Locations are global token ids (``sample * seq_len + position``) and channels.
+
+The collector that receives the numbers is found through `active()`: the profiler
+installs one with `collecting(...)`; the experts and attention implementations record
+into it when one is installed and run as plain inference otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+ROUTED, SHARED, DENSE = "routed", "shared", "dense"
+KINDS = (ROUTED, SHARED, DENSE)
+
+
+def _better(new: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+    """Where `new` replaces `cur` as the running max: strictly larger (earlier wins ties), or NaN."""
+    return (new > cur) | (new.isnan() & ~cur.isnan())
+
+
+@dataclass
+class DownProjStats:
+    """Running down_proj statistics of `n` units (the experts of one layer, or one MLP).
+
+    out_absmax ``[n]`` fp32: max |down_proj output| before any routing weight (-1 before
+    any row was seen). out_token, out_channel ``[n]`` int64: where it happened (-1 before
+    any row).
+    in_absmax ``[n]`` fp32: max |down_proj input|. rows ``[n]`` int64: rows seen.
+    """
+
+    out_absmax: torch.Tensor
+    out_token: torch.Tensor
+    out_channel: torch.Tensor
+    in_absmax: torch.Tensor
+    rows: torch.Tensor
+
+    @classmethod
+    def empty(cls, n: int, device: torch.device) -> DownProjStats:
+        return cls(
+            out_absmax=torch.full((n,), -1.0, dtype=torch.float32, device=device),
+            out_token=torch.full((n,), -1, dtype=torch.int64, device=device),
+            out_channel=torch.full((n,), -1, dtype=torch.int64, device=device),
+            in_absmax=torch.zeros(n, dtype=torch.float32, device=device),
+            rows=torch.zeros(n, dtype=torch.int64, device=device),
+        )
+
+    def update(
+        self,
+        out_absmax: torch.Tensor,
+        out_token: torch.Tensor,
+        out_channel: torch.Tensor,
+        in_absmax: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> None:
+        better = _better(out_absmax, self.out_absmax) & (rows > 0)
+        self.out_absmax = torch.where(better, out_absmax, self.out_absmax)
+        self.out_token = torch.where(better, out_token, self.out_token)
+        self.out_channel = torch.where(better, out_channel, self.out_channel)
+        self.in_absmax = torch.maximum(self.in_absmax, in_absmax)
+        self.rows = self.rows + rows
+
+    def merge(self, other: DownProjStats) -> None:
+        """Fold in stats measured on other tokens (a later shard, another rank)."""
+        self.update(other.out_absmax, other.out_token, other.out_channel, other.in_absmax, other.rows)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "out_absmax": self.out_absmax,
+            "out_token": self.out_token,
+            "out_channel": self.out_channel,
+            "in_absmax": self.in_absmax,
+            "rows": self.rows,
+        }
+
+
+@dataclass
+class HiddenStats:
+    """Massive activations of one decoder layer's output hidden states.
+
+    top_values ``[k]`` fp32 (descending), top_token / top_channel ``[k]`` int64: the k
+    largest |h| entries seen; abs_sum fp64 and count: for the mean |h|.
+    """
+
+    top_values: torch.Tensor
+    top_token: torch.Tensor
+    top_channel: torch.Tensor
+    abs_sum: torch.Tensor
+    count: torch.Tensor
+
+    @classmethod
+    def empty(cls, k: int, device: torch.device) -> HiddenStats:
+        return cls(
+            top_values=torch.full((k,), -1.0, dtype=torch.float32, device=device),
+            top_token=torch.full((k,), -1, dtype=torch.int64, device=device),
+            top_channel=torch.full((k,), -1, dtype=torch.int64, device=device),
+            abs_sum=torch.zeros((), dtype=torch.float64, device=device),
+            count=torch.zeros((), dtype=torch.int64, device=device),
+        )
+
+    def update(self, values: torch.Tensor, token: torch.Tensor, channel: torch.Tensor, abs_sum, count) -> None:
+        """Merge candidate entries ``[m]`` into the running top-k (earlier entries win ties)."""
+        k = self.top_values.numel()
+        all_values = torch.cat([self.top_values, values])
+        all_token = torch.cat([self.top_token, token])
+        all_channel = torch.cat([self.top_channel, channel])
+        order = torch.sort(all_values, descending=True, stable=True).indices[:k]
+        self.top_values = all_values[order]
+        self.top_token = all_token[order]
+        self.top_channel = all_channel[order]
+        self.abs_sum = self.abs_sum + abs_sum
+        self.count = self.count + count
+
+    def merge(self, other: HiddenStats) -> None:
+        self.update(other.top_values, other.top_token, other.top_channel, other.abs_sum, other.count)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "top_values": self.top_values,
+            "top_token": self.top_token,
+            "top_channel": self.top_channel,
+            "abs_sum": self.abs_sum,
+            "count": self.count,
+        }
+
+
+@dataclass
+class SinkStats:
+    """Per-head sums of the per-query sink mass over queries t >= 1, and their count."""
+
+    mass_sum: torch.Tensor  # [heads] fp64
+    count: torch.Tensor  # [] int64
+
+    @classmethod
+    def empty(cls, heads: int, device: torch.device) -> SinkStats:
+        return cls(
+            mass_sum=torch.zeros(heads, dtype=torch.float64, device=device),
+            count=torch.zeros((), dtype=torch.int64, device=device),
+        )
+
+    def merge(self, other: SinkStats) -> None:
+        self.mass_sum = self.mass_sum + other.mass_sum
+        self.count = self.count + other.count
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"mass_sum": self.mass_sum, "count": self.count}
+
+
+@dataclass
+class StatsCollector:
+    """All running statistics of a profiling run, keyed by decoder layer index.
+
+    Set `token_offset` to the global id of the first token of each batch before running
+    it (`profile` does), so locations point at calibration tokens. `num_sink_tokens`: the
+    first keys whose attention mass counts as sink mass.
+    """
+
+    top_k_hidden: int = 8
+    num_sink_tokens: int = 1
+    token_offset: int = 0
+    routed: dict[int, DownProjStats] = field(default_factory=dict)
+    shared: dict[int, DownProjStats] = field(default_factory=dict)
+    dense: dict[int, DownProjStats] = field(default_factory=dict)
+    hidden: dict[int, HiddenStats] = field(default_factory=dict)
+    sink: dict[int, SinkStats] = field(default_factory=dict)
+
+    def down_proj(self, kind: str, layer: int, n: int, device: torch.device) -> DownProjStats:
+        table = {ROUTED: self.routed, SHARED: self.shared, DENSE: self.dense}[kind]
+        if layer not in table:
+            table[layer] = DownProjStats.empty(n, device)
+        return table[layer]
+
+    def record_grouped(
+        self,
+        layer: int,
+        out_absmax: torch.Tensor,
+        out_argmax: torch.Tensor,
+        in_absmax: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> None:
+        """Record one call of the routed experts: the op's outputs, with token ids in out_argmax[:, 0]."""
+        stats = self.down_proj(ROUTED, layer, out_absmax.numel(), out_absmax.device)
+        stats.update(out_absmax, out_argmax[:, 0], out_argmax[:, 1], in_absmax, rows)
+
+    def record_linear(self, kind: str, layer: int, index: int, n: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Record one call of an ordinary down_proj, unit `index` of the `n` of its kind in
+        `layer`: x ``[..., I]``, y ``[..., H]`` over the batch's tokens in order."""
+        y2 = y.detach().reshape(-1, y.shape[-1])
+        if y2.shape[0] == 0:
+            return
+        a = y2.abs()
+        flat = torch.argmax(a.view(-1))
+        device = y.device
+        one = torch.zeros(n, dtype=torch.bool, device=device)
+        one[index] = True
+        stats = self.down_proj(kind, layer, n, device)
+        stats.update(
+            torch.where(one, a.view(-1)[flat].float(), -1.0),
+            torch.where(one, flat // y2.shape[1] + self.token_offset, -1),
+            torch.where(one, flat % y2.shape[1], -1),
+            torch.where(one, x.detach().abs().amax().float(), 0.0),
+            one.long() * y2.shape[0],
+        )
+
+    def record_hidden(self, layer: int, h: torch.Tensor) -> None:
+        """Record a decoder layer's output hidden states ``[B, L, H]`` (or ``[T, H]``)."""
+        h2 = h.detach().reshape(-1, h.shape[-1])
+        a = h2.abs().view(-1)
+        k = min(self.top_k_hidden, a.numel())
+        values, flat = torch.topk(a, k)
+        if layer not in self.hidden:
+            self.hidden[layer] = HiddenStats.empty(self.top_k_hidden, h.device)
+        self.hidden[layer].update(
+            values.float(),
+            flat // h2.shape[1] + self.token_offset,
+            flat % h2.shape[1],
+            a.sum(dtype=torch.float64),
+            torch.tensor(a.numel(), device=h.device),
+        )
+
+    def record_sink(self, layer: int, sink_mass: torch.Tensor, query_valid: torch.Tensor | None = None) -> None:
+        """Record per-query sink mass ``[B, heads, T]``; queries 0 (the sink itself) are left out.
+
+        query_valid: optional bool ``[B, T]`` (False for padding queries).
+        """
+        mass = sink_mass.detach()[:, :, 1:].double()
+        if query_valid is not None:
+            valid = query_valid[:, None, 1:].to(mass.dtype)
+            mass = mass * valid
+            count = query_valid[:, 1:].sum()
+        else:
+            count = torch.tensor(mass.shape[0] * mass.shape[2], device=mass.device)
+        if layer not in self.sink:
+            self.sink[layer] = SinkStats.empty(sink_mass.shape[1], sink_mass.device)
+        stats = self.sink[layer]
+        stats.mass_sum = stats.mass_sum + mass.sum(dim=(0, 2))
+        stats.count = stats.count + count
+
+    def merge(self, other: StatsCollector) -> None:
+        """Fold in another collector's stats (measured on other tokens)."""
+        for mine, theirs in (
+            (self.routed, other.routed),
+            (self.shared, other.shared),
+            (self.dense, other.dense),
+            (self.hidden, other.hidden),
+            (self.sink, other.sink),
+        ):
+            for layer, stats in theirs.items():
+                if layer in mine:
+                    mine[layer].merge(stats)
+                else:
+                    mine[layer] = stats
+
+
+_active: list[StatsCollector] = []
+
+
+def active() -> StatsCollector | None:
+    """The collector receiving statistics now, if any."""
+    return _active[-1] if _active else None
+
+
+@contextlib.contextmanager
+def collecting(collector: StatsCollector) -> Iterator[StatsCollector]:
+    """Install `collector` as the active one for the duration of the block."""
+    _active.append(collector)
+    try:
+        yield collector
+    finally:
+        _active.remove(collector)

@@ -1,0 +1,88 @@
+"""Load a transformers MoE checkpoint directory for profiling, with clear errors."""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import torch
+
+from .layers import text_config
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.lru_cache(maxsize=1)
+def supported_model_types() -> tuple[str, ...]:
+    """Model types whose experts transformers dispatches through the ExpertsInterface.
+
+    Read from the installed transformers: every ``models/<type>/modeling_*.py`` that
+    decorates an experts class with ``@use_experts_implementation``.
+    """
+    import transformers
+
+    root = Path(transformers.__file__).parent / "models"
+    found = set()
+    for path in root.glob("*/modeling_*.py"):
+        if re.search(r"^@use_experts_implementation", path.read_text(encoding="utf-8", errors="ignore"), re.M):
+            found.add(path.parent.name)
+    return tuple(sorted(found))
+
+
+def check_model_dir(model_dir: str | Path):
+    """Return the config of a checkpoint directory, or raise a clear error."""
+    from transformers import AutoConfig
+
+    path = Path(model_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"--model: {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model: {path} is not a transformers checkpoint directory (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    model_type = getattr(text_config(config), "model_type", None) or config.model_type
+    supported = supported_model_types()
+    if model_type not in supported and config.model_type not in supported:
+        raise ValueError(
+            f"--model: unsupported architecture {config.model_type!r}: superexperts profiles MoE models whose experts "
+            f"transformers runs through its ExpertsInterface. Supported model types: {', '.join(supported)}"
+        )
+    return config
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def load_model(model_dir: str | Path, *, dtype: str = "auto", device: str = "auto"):
+    """Load (model, tokenizer or None) from a checkpoint directory onto `device`, on our implementations."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .profiler import register
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_model_dir(model_dir)
+    register()
+    dev = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=DTYPES[dtype],
+        experts_implementation="superexperts",
+        attn_implementation="superexperts_sink",
+    ).to(dev)
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def max_positions(model) -> int | None:
+    return getattr(text_config(model.config), "max_position_embeddings", None)

@@ -1,0 +1,202 @@
+"""`ProfileResult`: what one profiling run measured, on the CPU, with tables and save/load.
+
+Stat tensors (all per decoder layer):
+
+- ``routed[l]``, ``shared[l]``, ``dense[l]``: `DownProjStats` of the layer's routed experts
+  ``[E]``, shared experts ``[n_shared]`` and dense MLPs ``[n_dense]``;
+- ``hidden[l]``: `HiddenStats`, the largest |h| of the layer's output with token/channel;
+- ``sink[l]``: `SinkStats`, per-head sums of the sink mass of queries t >= 1.
+
+Token ids are global (``sample * seq_len + position``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .collector import DENSE, ROUTED, SHARED, DownProjStats, HiddenStats, SinkStats, StatsCollector
+from .rules import Rule, SuperExpert, detect
+
+STATS_FILE = "stats.safetensors"
+META_FILE = "profile.json"
+
+
+def shared_label(index: int, count: int) -> str:
+    return "shared" if count == 1 else f"shared:{index}"
+
+
+@dataclass
+class ProfileResult:
+    model_type: str
+    num_layers: int
+    seq_len: int
+    num_sequences: int
+    num_sink_tokens: int
+    layer_kinds: list[str]
+    shared_names: dict[int, list[str]] = field(default_factory=dict)
+    dense_names: dict[int, list[str]] = field(default_factory=dict)
+    routed: dict[int, DownProjStats] = field(default_factory=dict)
+    shared: dict[int, DownProjStats] = field(default_factory=dict)
+    dense: dict[int, DownProjStats] = field(default_factory=dict)
+    hidden: dict[int, HiddenStats] = field(default_factory=dict)
+    sink: dict[int, SinkStats] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_collector(cls, collector: StatsCollector, **meta) -> ProfileResult:
+        def cpu(table):
+            return {layer: type(s)(**{k: v.cpu() for k, v in s.tensors().items()}) for layer, s in sorted(table.items())}
+
+        return cls(
+            **meta,
+            routed=cpu(collector.routed),
+            shared=cpu(collector.shared),
+            dense=cpu(collector.dense),
+            hidden=cpu(collector.hidden),
+            sink=cpu(collector.sink),
+        )
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def num_tokens(self) -> int:
+        return self.seq_len * self.num_sequences
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_tokens / self.elapsed_s if self.elapsed_s > 0 else float("nan")
+
+    def locate(self, token: int) -> tuple[int, int]:
+        """Global token id -> (sample, position); (-1, -1) for none."""
+        if token < 0:
+            return -1, -1
+        return token // self.seq_len, token % self.seq_len
+
+    def units(self) -> list[dict]:
+        """One row per measured down_proj unit: routed experts, shared experts, dense MLPs."""
+        rows = []
+        for kind, table in ((ROUTED, self.routed), (SHARED, self.shared), (DENSE, self.dense)):
+            for layer, s in table.items():
+                for i in range(s.out_absmax.numel()):
+                    if kind == ROUTED:
+                        label: int | str = i
+                    elif kind == SHARED:
+                        label = shared_label(i, s.out_absmax.numel())
+                    else:
+                        label = "dense" if s.out_absmax.numel() == 1 else f"dense:{i}"
+                    sample, position = self.locate(int(s.out_token[i]))
+                    n_rows = int(s.rows[i])
+                    rows.append(
+                        {
+                            "layer": layer,
+                            "expert": label,
+                            "kind": kind,
+                            "output_max": float(s.out_absmax[i]) if n_rows else 0.0,
+                            "input_max": float(s.in_absmax[i]),
+                            "rows": n_rows,
+                            "sample": sample,
+                            "position": position,
+                            "channel": int(s.out_channel[i]),
+                        }
+                    )
+        return rows
+
+    def candidates(self) -> list[tuple[int, int | str, float]]:
+        """``(layer, expert, a)`` for every routed or shared expert that saw at least one row."""
+        return [
+            (u["layer"], u["expert"], u["output_max"])
+            for u in self.units()
+            if u["kind"] in (ROUTED, SHARED) and u["rows"] > 0
+        ]
+
+    def super_experts(self, rule: Rule | None = None) -> list[SuperExpert]:
+        return detect(self.candidates(), self.num_layers, rule)
+
+    def expert_matrix(self) -> torch.Tensor:
+        """``[num_layers, max_E + n_shared]`` fp32 of routed (then shared) output maxima; NaN where
+        a layer has no such expert or the expert saw no rows."""
+        width_routed = max((s.out_absmax.numel() for s in self.routed.values()), default=0)
+        width_shared = max((s.out_absmax.numel() for s in self.shared.values()), default=0)
+        m = torch.full((self.num_layers, width_routed + width_shared), float("nan"))
+        for layer, s in self.routed.items():
+            m[layer, : s.out_absmax.numel()] = torch.where(s.rows > 0, s.out_absmax, float("nan"))
+        for layer, s in self.shared.items():
+            m[layer, width_routed : width_routed + s.out_absmax.numel()] = torch.where(s.rows > 0, s.out_absmax, float("nan"))
+        return m
+
+    def massive_activations(self) -> list[dict]:
+        """Per layer: max |h| of its output, where, mean |h|, and the top entries."""
+        rows = []
+        for layer, h in self.hidden.items():
+            top = []
+            for v, t, c in zip(h.top_values.tolist(), h.top_token.tolist(), h.top_channel.tolist()):
+                if t >= 0:
+                    sample, position = self.locate(t)
+                    top.append({"value": v, "sample": sample, "position": position, "channel": c})
+            mean = float(h.abs_sum) / max(int(h.count), 1)
+            rows.append(
+                {
+                    "layer": layer,
+                    "max": top[0]["value"] if top else 0.0,
+                    "position": top[0]["position"] if top else -1,
+                    "channel": top[0]["channel"] if top else -1,
+                    "mean_abs": mean,
+                    "max_over_mean": (top[0]["value"] / mean) if top and mean > 0 else float("nan"),
+                    "top": top,
+                }
+            )
+        return rows
+
+    def sink_mass(self) -> dict[int, torch.Tensor]:
+        """Per layer, the mean sink mass of each head over queries t >= 1: ``[heads]`` fp64."""
+        return {layer: s.mass_sum / max(int(s.count), 1) for layer, s in self.sink.items()}
+
+    # ------------------------------------------------------------------ persistence
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat ``{"routed.3.out_absmax": tensor, ...}`` of every stat tensor."""
+        out = {}
+        for name in ("routed", "shared", "dense", "hidden", "sink"):
+            for layer, stats in getattr(self, name).items():
+                for key, t in stats.tensors().items():
+                    out[f"{name}.{layer}.{key}"] = t.contiguous()
+        return out
+
+    def metadata(self) -> dict:
+        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("routed", "shared", "dense", "hidden", "sink")}
+        meta["shared_names"] = {str(k): v for k, v in self.shared_names.items()}
+        meta["dense_names"] = {str(k): v for k, v in self.dense_names.items()}
+        return meta
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``profile.json`` (metadata) and ``stats.safetensors`` (all stat tensors)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors(), str(d / STATS_FILE))
+        with open(d / META_FILE, "w") as f:
+            json.dump(self.metadata(), f, indent=2)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ProfileResult:
+        d = Path(directory)
+        with open(d / META_FILE) as f:
+            meta = json.load(f)
+        meta["shared_names"] = {int(k): v for k, v in meta["shared_names"].items()}
+        meta["dense_names"] = {int(k): v for k, v in meta["dense_names"].items()}
+        grouped: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        for key, t in load_file(str(d / STATS_FILE)).items():
+            name, layer, stat = key.split(".")
+            grouped.setdefault((name, int(layer)), {})[stat] = t
+        tables = {"routed": {}, "shared": {}, "dense": {}, "hidden": {}, "sink": {}}
+        kinds = {"routed": DownProjStats, "shared": DownProjStats, "dense": DownProjStats, "hidden": HiddenStats, "sink": SinkStats}
+        for (name, layer), stats in sorted(grouped.items()):
+            tables[name][layer] = kinds[name](**stats)
+        return cls(**meta, **tables)

@@ -1,0 +1,101 @@
+"""Super Expert detection rules over the per-expert down_proj output maxima ``a[l, e]``.
+
+Candidates are routed and shared experts; dense MLPs are not. Every rule pools the
+candidate values of the layers in ``L`` (default: the first ``round(0.75 * num_layers)``
+decoder layers, as the authors' code does) into ``A`` and keeps the candidates in ``L``
+whose value passes its threshold:
+
+- ``paper`` (arXiv 2507.23279, Eq. 6): ``a > P99.5(A)`` and ``a > max(A) / 10``;
+- ``std``: ``a > mean(A) + k * std(A)``;
+- ``quantile``: ``a > Pq(A)``;
+- ``mean_multiple``: ``a > k * mean(A)``.
+
+Percentiles interpolate linearly between order statistics (numpy's default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+RULES = ("paper", "std", "quantile", "mean_multiple")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A detection rule. `k` is the std multiple (std) or mean multiple (mean_multiple);
+    `quantile` the percentile in [0, 100] (paper, quantile); `max_ratio` the paper's 10;
+    `layer_fraction` / `layers` choose L (explicit `layers` win)."""
+
+    name: str = "paper"
+    quantile: float = 99.5
+    max_ratio: float = 10.0
+    k: float | None = None
+    layer_fraction: float = 0.75
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.name not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.name!r}")
+        if not 0.0 <= self.quantile <= 100.0:
+            raise ValueError(f"quantile must be in [0, 100], got {self.quantile}")
+        if not 0.0 < self.layer_fraction <= 1.0:
+            raise ValueError(f"layer_fraction must be in (0, 1], got {self.layer_fraction}")
+
+    def layer_set(self, num_layers: int) -> set[int]:
+        if self.layers is not None:
+            return set(self.layers)
+        return set(range(round(self.layer_fraction * num_layers)))
+
+    def describe(self) -> str:
+        if self.name == "paper":
+            return f"a > P{self.quantile:g}(A) and a > max(A)/{self.max_ratio:g}"
+        if self.name == "std":
+            return f"a > mean(A) + {self.k_value:g}*std(A)"
+        if self.name == "quantile":
+            return f"a > P{self.quantile:g}(A)"
+        return f"a > {self.k_value:g}*mean(A)"
+
+    @property
+    def k_value(self) -> float:
+        if self.k is not None:
+            return self.k
+        return 3.0 if self.name == "std" else 10.0
+
+
+@dataclass(frozen=True)
+class SuperExpert:
+    """One detected Super Expert. expert: routed expert id, or "shared" (or "shared:i")."""
+
+    layer: int
+    expert: int | str
+    value: float
+    rank: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def threshold(values: torch.Tensor, rule: Rule) -> float:
+    """The value a candidate must exceed under `rule`, given the pooled values ``A`` (1-D)."""
+    a = values.double()
+    if rule.name == "paper":
+        return max(float(torch.quantile(a, rule.quantile / 100.0)), float(a.max()) / rule.max_ratio)
+    if rule.name == "quantile":
+        return float(torch.quantile(a, rule.quantile / 100.0))
+    if rule.name == "std":
+        return float(a.mean() + rule.k_value * a.std(unbiased=False))
+    return float(rule.k_value * a.mean())
+
+
+def detect(candidates: list[tuple[int, int | str, float]], num_layers: int, rule: Rule | None = None) -> list[SuperExpert]:
+    """Apply `rule` to candidates ``(layer, expert, a)``; return the Super Experts, largest first."""
+    rule = rule or Rule()
+    layers = rule.layer_set(num_layers)
+    pool = [(layer, expert, value) for layer, expert, value in candidates if layer in layers]
+    if not pool:
+        return []
+    cut = threshold(torch.tensor([v for _, _, v in pool]), rule)
+    found = sorted((c for c in pool if c[2] > cut), key=lambda c: -c[2])
+    return [SuperExpert(layer, expert, float(value), rank) for rank, (layer, expert, value) in enumerate(found, 1)]

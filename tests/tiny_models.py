@@ -1,0 +1,202 @@
+"""Tiny real transformers MoE models for integration tests, and a brute-force oracle.
+
+Models are built from configs, given deterministic random weights, saved with
+`save_pretrained` (safetensors) and loaded back through `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+VOCAB = 96
+
+
+def config_for(family: str, **overrides):
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, max_position_embeddings=256)
+    if family == "qwen3_moe":
+        cfg = dict(intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3, num_key_value_heads=2,
+                   head_dim=8, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True)
+        cls = transformers.Qwen3MoeConfig
+    elif family == "mixtral":
+        cfg = dict(intermediate_size=16, num_hidden_layers=3, num_key_value_heads=2, num_local_experts=8,
+                   num_experts_per_tok=2, sliding_window=None)
+        cls = transformers.MixtralConfig
+    elif family == "deepseek_v3":
+        cfg = dict(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_key_value_heads=4,
+                   n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1,
+                   n_group=4, topk_group=2, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                   qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=1.5)
+        cls = transformers.DeepseekV3Config
+    elif family == "gpt_oss":
+        cfg = dict(intermediate_size=16, num_hidden_layers=3, num_key_value_heads=2, head_dim=8, num_local_experts=8,
+                   num_experts_per_tok=2, sliding_window=6,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+        cls = transformers.GptOssConfig
+    elif family == "qwen2_moe":
+        cfg = dict(intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                   num_hidden_layers=3, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2)
+        cls = transformers.Qwen2MoeConfig
+    elif family == "olmoe":
+        cfg = dict(intermediate_size=16, num_hidden_layers=3, num_key_value_heads=4, num_experts=8,
+                   num_experts_per_tok=2)
+        cls = transformers.OlmoeConfig
+    else:
+        raise ValueError(family)
+    return cls(**{**common, **cfg, **overrides})
+
+
+FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
+
+
+def build_model(family: str, seed: int = 0, **overrides) -> nn.Module:
+    """A randomly initialized tiny model in fp32, eval mode. Every parameter gets a
+    deterministic N(0, 0.1) (biases, router bias and learned sinks included)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config_for(family, **overrides))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def experts_module(model, layer: int):
+    from superexperts.layers import find_layers
+
+    return find_layers(model)[layer].experts
+
+
+def plant(model, layer: int, expert: int | str, scale: float = 300.0) -> None:
+    """Scale one expert's down_proj so its outputs are `scale` times larger."""
+    from superexperts.layers import find_layers
+
+    parts = find_layers(model)[layer]
+    with torch.no_grad():
+        if isinstance(expert, str):
+            parts.shared[0][1].weight.mul_(scale)
+        else:
+            parts.experts.down_proj[expert].mul_(scale)
+            if getattr(parts.experts, "down_proj_bias", None) is not None:
+                parts.experts.down_proj_bias[expert].mul_(scale)
+
+
+def save_and_load(model, path: Path, **load_kwargs):
+    model.save_pretrained(path)
+    assert (path / "model.safetensors").is_file() or any(path.glob("*.safetensors"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+    return loaded.eval()
+
+
+def tokens(num: int = 4, seq_len: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (num, seq_len), generator=g)
+
+
+# ----------------------------------------------------------------------------- oracle
+
+
+def _per_expert_forward(module, hidden_states, top_k_index, top_k_weights, record):
+    """The experts loop written out per expert (like transformers' eager path), recording
+    each expert's down_proj output before the routing weight."""
+    out = torch.zeros_like(hidden_states)
+    for e in range(module.num_experts):
+        pos, token = torch.where(top_k_index.T == e)
+        if token.numel() == 0:
+            continue
+        x = hidden_states[token]
+        w_up = module.gate_up_proj[e] if module.has_gate else module.up_proj[e]
+        up = x @ w_up if module.is_transposed else x @ w_up.T
+        if module.has_bias:
+            up = up + (module.gate_up_proj_bias[e] if module.has_gate else module.up_proj_bias[e])
+        act = module._apply_gate(up) if module.has_gate else module.act_fn(up)
+        down = act @ module.down_proj[e] if module.is_transposed else act @ module.down_proj[e].T
+        if module.has_bias:
+            down = down + module.down_proj_bias[e]
+        record(e, token, act, down)
+        out.index_add_(0, token, down * top_k_weights[token, pos, None])
+    return out
+
+
+def oracle_profile(model, ids: torch.Tensor, num_sink_tokens: int = 1) -> dict:
+    """Brute-force statistics of `model` (loaded with eager attention) on ``ids [N, L]``,
+    one sequence at a time. Locations are global token ids ``n * L + position``."""
+    from superexperts.layers import find_layers
+
+    parts = find_layers(model)
+    seq_len = ids.shape[1]
+    found: dict = {"routed": {}, "shared": {}, "dense": {}, "hidden": {}, "sink": {}}
+
+    def keep(table, key, value, token, channel, in_max, rows):
+        old = table.get(key)
+        if old is None:
+            table[key] = [value, token, channel, in_max, rows]
+            return
+        if value > old[0]:
+            old[0], old[1], old[2] = value, token, channel
+        old[3] = max(old[3], in_max)
+        old[4] += rows
+
+    originals = {}
+    handles = []
+    offset = [0]
+    for p in parts:
+        if p.is_moe:
+            module = p.experts
+
+            def fwd(hidden_states, top_k_index, top_k_weights, module=module, layer=p.index):
+                def record(e, token, act, down):
+                    a = down.abs()
+                    flat = int(a.argmax())
+                    keep(found["routed"], (layer, e), float(a.view(-1)[flat]),
+                         offset[0] + int(token[flat // a.shape[1]]), flat % a.shape[1], float(act.abs().max()), token.numel())
+
+                return _per_expert_forward(module, hidden_states, top_k_index, top_k_weights, record)
+
+            originals[module] = module.forward
+            module.forward = fwd
+        for kind, units in (("shared", p.shared), ("dense", p.dense)):
+            for i, (_, down) in enumerate(units):
+
+                def hook(m, inputs, output, kind=kind, key=(p.index, i)):
+                    a = output.reshape(-1, output.shape[-1]).abs()
+                    flat = int(a.argmax())
+                    keep(found[kind], key, float(a.view(-1)[flat]), offset[0] + flat // a.shape[1], flat % a.shape[1],
+                         float(inputs[0].abs().max()), a.shape[0])
+
+                handles.append(down.register_forward_hook(hook))
+
+        # output_hidden_states gives the last layer after the final norm, so hook the layers.
+        def layer_hook(m, inputs, output, layer=p.index):
+            h = output[0] if isinstance(output, tuple) else output
+            a = h[0].abs()
+            flat = int(a.argmax())
+            keep(found["hidden"], layer, float(a.view(-1)[flat]), offset[0] + flat // a.shape[1], flat % a.shape[1], 0.0, 0)
+
+        handles.append(p.layer.register_forward_hook(layer_hook))
+    sink_sum: dict[int, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for n in range(ids.shape[0]):
+                offset[0] = n * seq_len
+                out = model(ids[n : n + 1], output_attentions=True, use_cache=False)
+                for layer, att in enumerate(out.attentions):
+                    mass = att[0, :, 1:, :num_sink_tokens].sum(-1).double().sum(-1)
+                    sink_sum[layer] = sink_sum.get(layer, 0) + mass
+    finally:
+        for module, f in originals.items():
+            module.forward = f
+        for h in handles:
+            h.remove()
+    count = ids.shape[0] * (seq_len - 1)
+    found["sink"] = {layer: s / count for layer, s in sink_sum.items()}
+    return found
