@@ -78,35 +78,35 @@ def _moe_down_proj_kernel(
     pid_n = pid % num_n
 
     # tile_ends[e] = cumulative count of BLOCK_M row tiles of experts 0..e; entry
-    # `num_experts` covers the rows past offsets[-1] that belong to no expert.
+    # `num_experts` covers the rows past offsets[-1] that belong to no expert (written as
+    # zeros). The grid is an upper bound on the tile count, so the programs past
+    # tile_ends[-1] are idle. No early return: the K loop must stay in the entry block for
+    # the software pipeliner, so idle and tail programs run it zero times instead.
     e_range = tl.arange(0, E_POW2)
     tile_ends = tl.load(tile_ends_ptr + e_range, mask=e_range <= num_experts, other=2147483647)
-    total_tiles = tl.load(tile_ends_ptr + num_experts)
-    if pid_m >= total_tiles:
-        return
-    e = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
+    active = pid_m < tl.load(tile_ends_ptr + num_experts)
+    e = tl.minimum(tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0), num_experts)
+    routed = active & (e < num_experts)
     tile_start = tl.load(tile_ends_ptr + e - 1, mask=e > 0, other=0)
     row_start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
     row_end = tl.load(offsets_ptr + e, mask=e < num_experts, other=num_rows)
 
+    # Scalar conditions are folded into bounds rather than and-ed with vectors.
     local_rows = (pid_m - tile_start) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = row_start + local_rows
-    row_mask = rows < row_end
+    row_mask = rows < tl.where(active, row_end, 0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < hidden
+    routed_cols = cols < tl.where(routed, hidden, 0)
     out_mask = row_mask[:, None] & col_mask[None, :]
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
-
-    if e == num_experts:
-        tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=out_mask)
-        return
 
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk
     w_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_absmax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
+    k_end = tl.where(routed, inter, 0)
+    for k0 in range(0, k_end, BLOCK_K):
         k_mask = ks < inter - k0
         a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
@@ -121,9 +121,10 @@ def _moe_down_proj_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + e * stride_be + cols * stride_bn, mask=col_mask, other=0.0)
+        bias = tl.load(bias_ptr + e * stride_be + cols * stride_bn, mask=routed_cols, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     y = acc.to(y_ptr.dtype.element_ty)
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
     tl.store(y_ptrs, y, mask=out_mask)
 
     if WITH_STATS:
@@ -131,12 +132,11 @@ def _moe_down_proj_kernel(
         bits = y_abs.to(tl.int32, bitcast=True).to(tl.int64)
         flat = local_rows.to(tl.int64)[:, None] * hidden + cols[None, :]
         key = tl.where(out_mask, (bits << 32) | (4294967295 - flat), 0)
-        tl.atomic_max(key_ptr + e, tl.max(tl.max(key, axis=1), axis=0))
-        if pid_n == 0:
-            tl.atomic_max(in_bits_ptr + e, tl.max(x_absmax, axis=0).to(tl.int32, bitcast=True))
+        tl.atomic_max(key_ptr + e, tl.max(tl.max(key, axis=1), axis=0), mask=routed)
+        tl.atomic_max(in_bits_ptr + e, tl.max(x_absmax, axis=0).to(tl.int32, bitcast=True), mask=tl.where(routed, pid_n, 1) == 0)
         if CHANNEL_STATS:
             col_bits = tl.max(y_abs, axis=0).to(tl.int32, bitcast=True)
-            tl.atomic_max(chan_bits_ptr + e.to(tl.int64) * hidden + cols, col_bits, mask=col_mask)
+            tl.atomic_max(chan_bits_ptr + e.to(tl.int64) * hidden + cols, col_bits, mask=routed_cols)
 
 
 # --------------------------------------------------------------------------- configs
