@@ -61,9 +61,9 @@ def _rule(args) -> Rule:
     )
 
 
-def _load_tokens(path, tokenizer, model, args):
+def _load_tokens(path, tokenizer, config, args):
     from .calibration import load_calibration
-    from .loading import max_positions
+    from .layers import text_config
 
     return load_calibration(
         path,
@@ -73,7 +73,7 @@ def _load_tokens(path, tokenizer, model, args):
         seed=args.seed,
         text_field=args.text_field,
         add_bos=not args.no_bos,
-        max_seq_len=max_positions(model),
+        max_seq_len=getattr(text_config(config), "max_position_embeddings", None),
     )
 
 
@@ -114,19 +114,32 @@ def print_ablation(ablation) -> None:
 
 
 def cmd_profile(args) -> int:
-    from .loading import load_model
+    from .calibration import check_source
+    from .loading import check_model_dir, load_model, load_tokenizer, resolve_device
     from .profiler import profile
     from .report import write_report
 
-    from .calibration import check_source
-    from .loading import check_model_dir
-
     rule = _rule(args)
-    check_model_dir(args.model)
+    config = check_model_dir(args.model)
     check_source(args.calib)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    tokens = _load_tokens(args.calib, tokenizer, model, args)
-    result = profile(model, tokens, batch_size=args.batch_size, num_sink_tokens=args.num_sink_tokens)
+    if args.stream or args.parallel:
+        from .streaming import stream_profile
+
+        tokens = _load_tokens(args.calib, load_tokenizer(args.model), config, args)
+        result = stream_profile(
+            args.model, tokens, batch_size=args.batch_size, dtype=args.dtype, device=str(resolve_device(args.device)),
+            num_sink_tokens=args.num_sink_tokens, offload_hidden=args.offload_hidden, parallel=args.parallel,
+            checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+        )
+        if result is None:  # not rank 0: rank 0 reports
+            return 0
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        tokens = _load_tokens(args.calib, tokenizer, model.config, args)
+        result = profile(
+            model, tokens, batch_size=args.batch_size, num_sink_tokens=args.num_sink_tokens,
+            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        )
     print(f"profiled {result.num_tokens} tokens in {result.elapsed_s:.1f} s ({result.tokens_per_s:.0f} tokens/s)")
     print_super_experts(result, rule)
     print_massive(result)
@@ -163,7 +176,7 @@ def cmd_prune_eval(args) -> int:
     check_model_dir(args.model)
     check_source(args.eval)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    tokens = _load_tokens(args.eval, tokenizer, model, args)
+    tokens = _load_tokens(args.eval, tokenizer, model.config, args)
     ablation = ablate(model, experts, tokens, batch_size=args.batch_size, num_sink_tokens=args.num_sink_tokens)
     print_ablation(ablation)
     if args.out:
@@ -216,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rule_args(p)
     p.add_argument("--out", default="superexperts_out", help="output directory")
     p.add_argument("--no-plots", action="store_true")
+    scale = p.add_argument_group("scale")
+    scale.add_argument("--stream", action="store_true",
+                       help="load one decoder layer at a time from the checkpoint (models larger than memory)")
+    scale.add_argument("--offload-hidden", action="store_true", help="with --stream: keep hidden states between layers in CPU memory")
+    scale.add_argument("--parallel", choices=["expert", "data"], default=None,
+                       help="under torchrun: split each layer's experts (expert) or the calibration sequences (data) across ranks; implies --stream")
+    scale.add_argument("--checkpoint-dir", default=None, help="save finished work here (every layer when streaming, else every --checkpoint-every batches)")
+    scale.add_argument("--checkpoint-every", type=int, default=1, help="batches between checkpoints without --stream")
+    scale.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("prune-eval", help="prune experts and measure perplexity and attention-sink decay")
@@ -238,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "resume", False) and not args.checkpoint_dir:
+        print("superexperts: error: --resume needs --checkpoint-dir", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, ImportError) as e:

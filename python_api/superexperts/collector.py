@@ -259,6 +259,32 @@ class StatsCollector:
                     mine[layer] = stats
 
 
+TABLES = {"routed": DownProjStats, "shared": DownProjStats, "dense": DownProjStats, "hidden": HiddenStats, "sink": SinkStats}
+
+
+def flatten_tables(holder) -> dict[str, torch.Tensor]:
+    """``{"routed.3.out_absmax": tensor, ...}`` of every stat table of `holder` (a
+    `StatsCollector` or a `ProfileResult`), for safetensors."""
+    out = {}
+    for name in TABLES:
+        for layer, stats in getattr(holder, name).items():
+            for key, t in stats.tensors().items():
+                out[f"{name}.{layer}.{key}"] = t.contiguous()
+    return out
+
+
+def unflatten_tables(tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, dict]:
+    """Inverse of `flatten_tables`: ``{"routed": {3: DownProjStats, ...}, ...}``."""
+    grouped: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name, layer, stat = key.split(".")
+        grouped.setdefault((name, int(layer)), {})[stat] = t.to(device)
+    tables: dict[str, dict] = {name: {} for name in TABLES}
+    for (name, layer), stats in sorted(grouped.items()):
+        tables[name][layer] = TABLES[name](**stats)
+    return tables
+
+
 _active: list[StatsCollector] = []
 
 

@@ -9,6 +9,11 @@ the token/channel where it happened, max |input|, rows) go to the active collect
 Experts listed in ``module._superexperts_pruned`` (bool ``[E]``) are skipped when routed:
 their rows are sent past ``offsets[-1]`` like expert-parallel sentinels, so they cost no
 GEMM and contribute zero. Nothing in the weights changes.
+
+Expert parallel (``module._superexperts_shard``, see `superexperts.distributed`): the
+module holds experts ``start .. start + num_experts`` of ``num_global``; rows of the other
+experts are sentinels here, and one ``all_reduce`` of the ``[T * k, H]`` weighted rows
+completes them before the top-k sum.
 """
 
 from __future__ import annotations
@@ -39,14 +44,19 @@ def superexperts_experts_forward(
     ``[T, k]`` -> ``[T, H]`` in hidden_states.dtype."""
     num_tokens, hidden_dim = hidden_states.shape
     num_top_k = top_k_index.shape[-1]
-    num_experts = self.num_experts
+    num_experts = self.num_experts  # held by this process
     device = hidden_states.device
+    shard = getattr(self, "_superexperts_shard", None)
+    first, num_global = (shard.start, shard.num_global) if shard is not None else (0, num_experts)
 
-    expert_ids = top_k_index.reshape(-1).clamp(max=num_experts)  # ids >= E: EP sentinels
+    # Ids outside this process's experts (EP sentinels, other ranks' experts) and pruned
+    # experts go to the sentinel id `num_experts`: sorted last, past offsets[-1], y = 0.
+    ids = top_k_index.reshape(-1)
+    held = (ids >= first) & (ids < first + num_experts)
     pruned = getattr(self, "_superexperts_pruned", None)
     if pruned is not None:
-        is_pruned = torch.cat([pruned.to(device), pruned.new_zeros(1).to(device)])[expert_ids]
-        expert_ids = torch.where(is_pruned, num_experts, expert_ids)
+        held &= ~pruned.to(device)[ids.clamp(0, num_global - 1)]
+    expert_ids = torch.where(held, ids - first, num_experts)
     sorted_ids, perm = torch.sort(expert_ids, stable=True)
     token_of_row = perm // num_top_k
     x = hidden_states[token_of_row]
@@ -67,7 +77,7 @@ def superexperts_experts_forward(
     down_bias = getattr(self, "down_proj_bias", None) if self.has_bias else None
     prof = _grouped_linear(act, self.down_proj, offsets, down_bias, self.is_transposed, row_token)
     if stats is not None and layer is not None:
-        stats.record_grouped(layer, prof.out_absmax, prof.out_argmax, prof.in_absmax, prof.rows)
+        stats.record_grouped(layer, *_in_global_ids(prof, first, num_global))
 
     out = prof.y
     if getattr(self, "has_post_expert_norm", False):
@@ -78,8 +88,25 @@ def superexperts_experts_forward(
 
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.numel(), device=device)
-    final = weighted[inv_perm].view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
+    weighted = weighted[inv_perm]
+    if shard is not None:
+        torch.distributed.all_reduce(weighted, group=shard.group)
+    final = weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
     return final.to(hidden_states.dtype)
+
+
+def _in_global_ids(prof, first: int, num_global: int):
+    """The op's per-expert stats of this process's experts, placed at their global ids."""
+    out_absmax, out_argmax, in_absmax, rows = prof.out_absmax, prof.out_argmax, prof.in_absmax, prof.rows
+    if first == 0 and out_absmax.numel() == num_global:
+        return out_absmax, out_argmax, in_absmax, rows
+    held = slice(first, first + out_absmax.numel())
+    g_absmax = out_absmax.new_zeros(num_global)
+    g_argmax = out_argmax.new_full((num_global, 2), -1)
+    g_in = in_absmax.new_zeros(num_global)
+    g_rows = rows.new_zeros(num_global)
+    g_absmax[held], g_argmax[held], g_in[held], g_rows[held] = out_absmax, out_argmax, in_absmax, rows
+    return g_absmax, g_argmax, g_in, g_rows
 
 
 def register() -> None:

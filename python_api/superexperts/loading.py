@@ -61,7 +61,7 @@ def resolve_device(device: str) -> torch.device:
 
 def load_model(model_dir: str | Path, *, dtype: str = "auto", device: str = "auto"):
     """Load (model, tokenizer or None) from a checkpoint directory onto `device`, on our implementations."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .profiler import register
 
@@ -77,12 +77,17 @@ def load_model(model_dir: str | Path, *, dtype: str = "auto", device: str = "aut
         attn_implementation="superexperts_sink",
     ).to(dev)
     model.eval()
+    return model, load_tokenizer(model_dir)
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The checkpoint's tokenizer, or None when it has none (pre-tokenized data still works)."""
+    from transformers import AutoTokenizer
+
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+    if not any((Path(model_dir) / f).is_file() for f in files):
+        return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model, tokenizer
-
-
-def max_positions(model) -> int | None:
-    return getattr(text_config(model.config), "max_position_embeddings", None)
+        return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +22,7 @@ from . import experts as _experts
 from .collector import DENSE, SHARED, StatsCollector, collecting
 from .layers import LayerParts, find_layers, text_config
 from .result import ProfileResult
+from .sweep import SweepCheckpoint, fingerprint
 
 
 def register() -> None:
@@ -84,8 +86,11 @@ def run_batches(
     progress: bool = True,
     desc: str = "profile",
     token_offset: int = 0,
+    skip_batches: int = 0,
+    on_batch_done=None,
 ) -> tuple[float, int]:
-    """Run ``tokens [N, L]`` through `model` with `stats` collecting.
+    """Run ``tokens [N, L]`` through `model` with `stats` collecting, from batch `skip_batches`;
+    ``on_batch_done(batches_done)`` after each batch.
 
     Returns (summed next-token NLL, number of predicted tokens) when `with_loss`, else (0, 0).
     Without loss only the decoder runs (no lm_head).
@@ -94,9 +99,12 @@ def run_batches(
     forward = model if with_loss else model.base_model
     nll, count = 0.0, 0
     seq_len = tokens.shape[1]
+    batches = as_batches(tokens, batch_size)
     bar = tqdm(total=tokens.numel(), desc=desc, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    bar.update(sum(b.numel() for b in batches[:skip_batches]))
     with collecting(stats), torch.inference_mode():
-        for b, batch in enumerate(as_batches(tokens, batch_size)):
+        for b in range(skip_batches, len(batches)):
+            batch = batches[b]
             stats.token_offset = token_offset + b * batch_size * seq_len
             ids = batch.to(device)
             out = forward(input_ids=ids, use_cache=False)
@@ -107,6 +115,8 @@ def run_batches(
                 )
                 count += ids[:, 1:].numel()
             bar.update(batch.numel())
+            if on_batch_done is not None:
+                on_batch_done(b + 1)
     bar.close()
     return nll, count
 
@@ -130,15 +140,23 @@ def profile(
     num_sink_tokens: int = 1,
     top_k_hidden: int = 8,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
 ) -> ProfileResult:
     """Profile `model` on calibration tokens ``[num_sequences, seq_len]`` int64.
 
     Returns a `ProfileResult` with, per layer: routed/shared/dense down_proj output and
     input maxima with their locations and row counts, hidden-state massive activations,
     and the mean sink mass per head.
+
+    With `checkpoint_dir`, the stats are saved every `checkpoint_every` batches (and at
+    the end); `resume` continues from the last save, skipping the batches it covers.
     """
     if num_sink_tokens < 1:
         raise ValueError(f"num_sink_tokens must be >= 1, got {num_sink_tokens}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     parts = find_layers(model)
     if not any(p.is_moe for p in parts):
         raise ValueError(
@@ -146,19 +164,35 @@ def profile(
             "superexperts profiles MoE models whose experts are fused 3-D parameters (transformers >= 5)"
         )
     stats = StatsCollector(top_k_hidden=top_k_hidden, num_sink_tokens=num_sink_tokens)
+    meta = describe_model(model, parts)
+    ckpt, done = None, 0
+    if checkpoint_dir is not None:
+        ckpt = SweepCheckpoint(
+            checkpoint_dir,
+            fingerprint(calibration, model=meta["model_type"], num_layers=meta["num_layers"], streaming=False,
+                        batch_size=batch_size, num_sink_tokens=num_sink_tokens, top_k_hidden=top_k_hidden),
+        )
+        if resume and ckpt.progress() is not None:
+            done, _ = ckpt.load(stats, next(model.parameters()).device)
+
+    def batch_done(batches_done: int) -> None:
+        if ckpt is not None and (batches_done % checkpoint_every == 0 or batches_done * batch_size >= len(calibration)):
+            ckpt.save(stats, batches_done)
+
     model.eval()
     handles = _hook_outputs(parts, stats)
     start = time.perf_counter()
     try:
         with our_implementations(model):
-            run_batches(model, calibration, stats, batch_size=batch_size, progress=progress)
+            run_batches(model, calibration, stats, batch_size=batch_size, progress=progress,
+                        skip_batches=done, on_batch_done=batch_done)
     finally:
         for h in handles:
             h.remove()
     elapsed = time.perf_counter() - start
     return ProfileResult.from_collector(
         stats,
-        **describe_model(model, parts),
+        **meta,
         seq_len=calibration.shape[1],
         num_sequences=calibration.shape[0],
         num_sink_tokens=num_sink_tokens,

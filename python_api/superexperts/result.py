@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .collector import DENSE, ROUTED, SHARED, DownProjStats, HiddenStats, SinkStats, StatsCollector
+from .collector import DENSE, ROUTED, SHARED, DownProjStats, HiddenStats, SinkStats, StatsCollector, flatten_tables, unflatten_tables
 from .rules import Rule, SuperExpert, detect
 
 STATS_FILE = "stats.safetensors"
@@ -162,12 +162,7 @@ class ProfileResult:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat ``{"routed.3.out_absmax": tensor, ...}`` of every stat tensor."""
-        out = {}
-        for name in ("routed", "shared", "dense", "hidden", "sink"):
-            for layer, stats in getattr(self, name).items():
-                for key, t in stats.tensors().items():
-                    out[f"{name}.{layer}.{key}"] = t.contiguous()
-        return out
+        return flatten_tables(self)
 
     def metadata(self) -> dict:
         meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("routed", "shared", "dense", "hidden", "sink")}
@@ -191,12 +186,5 @@ class ProfileResult:
             meta = json.load(f)
         meta["shared_names"] = {int(k): v for k, v in meta["shared_names"].items()}
         meta["dense_names"] = {int(k): v for k, v in meta["dense_names"].items()}
-        grouped: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-        for key, t in load_file(str(d / STATS_FILE)).items():
-            name, layer, stat = key.split(".")
-            grouped.setdefault((name, int(layer)), {})[stat] = t
-        tables = {"routed": {}, "shared": {}, "dense": {}, "hidden": {}, "sink": {}}
-        kinds = {"routed": DownProjStats, "shared": DownProjStats, "dense": DownProjStats, "hidden": HiddenStats, "sink": SinkStats}
-        for (name, layer), stats in sorted(grouped.items()):
-            tables[name][layer] = kinds[name](**stats)
+        tables = unflatten_tables(load_file(str(d / STATS_FILE)))
         return cls(**meta, **tables)

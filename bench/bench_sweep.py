@@ -1,0 +1,154 @@
+"""Layer-streaming sweep throughput: superexperts against the authors' streaming approach.
+
+Both stream the same safetensors checkpoint (Qwen3-30B-A3B layer shapes, fewer layers,
+random bf16 weights, two planted Super Experts) one decoder layer at a time over the same
+calibration tokens:
+
+- ``ours``: ``superexperts.streaming.stream_profile`` (fused experts through the profiling
+  op, sink attention, massive activations, hidden states kept on the device).
+- ``authors``: the same layer loading, but each layer's experts run as per-expert
+  ``nn.Linear`` modules in a Python loop with a forward hook per expert ``down_proj``
+  recording ``abs().max()`` of input and output into Python lists, sdpa attention, and the
+  fixed 0.1 s pause after each layer that their tool takes (``--authors-sleep``).
+
+Each method runs in a fresh subprocess (peak memory is per process: CUDA max allocated, or
+max RSS on CPU). Prints a table, writes JSON.
+
+    python bench/bench_sweep.py --layers 2 --tokens 512           # CPU-sized
+    python bench/bench_sweep.py --layers 8 --tokens 65536         # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import max_rss_mb, print_table, sync, write_json  # noqa: E402
+from bench_profile_e2e import PLANTED, HookedExperts, build_model  # noqa: E402
+
+
+def write_checkpoint(path: Path, layers: int, dtype: torch.dtype) -> None:
+    import superexperts
+
+    superexperts.register()
+    build_model(layers, dtype, "cpu").save_pretrained(path)
+
+
+def run_ours(model_dir, ids, args, device):
+    from superexperts.streaming import stream_profile
+
+    result = stream_profile(model_dir, ids, batch_size=args.batch_size, dtype=args.dtype, device=str(device), progress=False)
+    return result.super_experts()
+
+
+def run_authors(model_dir, ids, args, device):
+    from superexperts.layers import find_layers
+    from superexperts.rules import detect
+    from superexperts.streaming import LayerLoader, build_skeleton, layer_arguments
+
+    dtype = getattr(torch, args.dtype)
+    model = build_skeleton(model_dir, dtype=dtype, device=device)
+    model.set_attn_implementation("sdpa")
+    parts = find_layers(model)
+    loader = LayerLoader(model, model_dir, dtype=dtype, device=device)
+    loader.load_base()
+    batches = list(ids.split(args.batch_size))
+    with torch.inference_mode():
+        hidden = [layer_arguments(model, b.to(device))[0][0] for b in batches]
+        candidates = []
+        for p in parts:
+            layer = loader.load_layer(p.index, p)
+            records: dict[int, list] = {}
+            fused = layer.mlp.experts
+            layer.mlp.experts = HookedExperts(fused, records, row0=False)
+            for b, batch in enumerate(batches):
+                _, a, kw = layer_arguments(model, batch.to(device))[p.index]
+                hidden[b] = layer(hidden[b], *a, **kw)
+            layer.mlp.experts = fused
+            candidates += [(p.index, e, float(max(o for _, o in rows))) for e, rows in records.items()]
+            loader.free_layer(layer)
+            sync(device)
+            time.sleep(args.authors_sleep)
+    return detect(candidates, len(parts))
+
+
+def child(args) -> dict:
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 4096, (args.tokens // args.seq_len, args.seq_len), generator=g)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = max_rss_mb()
+    start = time.perf_counter()
+    found = (run_ours if args.method == "ours" else run_authors)(args.model_dir, ids, args, device)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else max_rss_mb() - rss_before
+    return {
+        "method": args.method,
+        "seconds": elapsed,
+        "tokens_per_s": args.tokens / elapsed,
+        "peak_MB": peak,
+        "super_experts": [[s.layer, s.expert, round(s.value, 2)] for s in found],
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 8 on CUDA, 2 on CPU)")
+    p.add_argument("--tokens", type=int, default=None, help="calibration tokens (default 65536 on CUDA, 512 on CPU)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--authors-sleep", type=float, default=0.1, help="their fixed pause per layer, seconds")
+    p.add_argument("--model-dir", default=None, help="reuse a checkpoint written by an earlier run")
+    p.add_argument("--method", choices=["ours", "authors"], help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.layers = args.layers or (8 if cuda else 2)
+    args.tokens = args.tokens or (65536 if cuda else 512)
+    args.batch_size = args.batch_size or (16 if cuda else 1)
+
+    if args.method:
+        print(json.dumps(child(args)))
+        return
+
+    tmp = None
+    if args.model_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_sweep_")
+        args.model_dir = tmp.name
+        write_checkpoint(Path(tmp.name), args.layers, getattr(torch, args.dtype))
+    rows = []
+    for method in ("ours", "authors"):
+        cmd = [sys.executable, __file__, "--method", method, "--model-dir", args.model_dir, "--tokens", str(args.tokens),
+               "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
+               "--device", args.device, "--authors-sleep", str(args.authors_sleep), "--layers", str(args.layers)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    ours = rows[0]
+    for r in rows:
+        r["speedup_of_ours"] = r["seconds"] / ours["seconds"]
+        r["same_SEs_as_ours"] = [s[:2] for s in r["super_experts"]] == [s[:2] for s in ours["super_experts"]]
+    print_table(rows, ["method", "seconds", "tokens_per_s", "peak_MB", "speedup_of_ours", "same_SEs_as_ours", "super_experts"])
+    write_json(
+        "sweep",
+        {"layers": args.layers, "tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
+         "dtype": args.dtype, "authors_sleep_s": args.authors_sleep, "planted": PLANTED, "results": rows},
+        args.out,
+    )
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
