@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -88,9 +86,16 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def max_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_rss_mb(reset: bool = False) -> float:
+    """Peak RSS of this process in MB (Linux VmHWM); `reset` restarts it at the current RSS.
+
+    Not ``ru_maxrss``: that survives fork and exec, so a child would start at its parent's peak.
+    """
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
@@ -119,7 +124,3 @@ def write_json(name: str, payload: dict, out: str | None = None) -> Path:
         json.dump({"machine": info, **payload}, f, indent=2)
     print(f"wrote {path}")
     return path
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "0") == "1"

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import max_rss_mb, print_table, sync, write_json  # noqa: E402
+from _common import peak_rss_mb, print_table, sync, write_json  # noqa: E402
 
 PLANTED = [(0, 68), (1, 92)]
 
@@ -135,7 +135,7 @@ def child(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    rss_before = max_rss_mb()
+    rss_before = peak_rss_mb(reset=True)
     sync(device)
     start = time.perf_counter()
     if args.method == "ours":
@@ -144,7 +144,7 @@ def child(args) -> dict:
         found = run_authors(model, ids, args.batch_size, args.authors_row0)
     sync(device)
     elapsed = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else max_rss_mb() - rss_before
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else peak_rss_mb() - rss_before
     return {
         "method": args.method + ("_row0" if args.authors_row0 else ""),
         "seconds": elapsed,

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import max_rss_mb, print_table, sync, write_json  # noqa: E402
+from _common import peak_rss_mb, print_table, sync, write_json  # noqa: E402
 from bench_profile_e2e import PLANTED, HookedExperts, build_model  # noqa: E402
 
 
@@ -86,12 +86,12 @@ def child(args) -> dict:
     ids = torch.randint(0, 4096, (args.tokens // args.seq_len, args.seq_len), generator=g)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rss_before = max_rss_mb()
+    rss_before = peak_rss_mb(reset=True)
     start = time.perf_counter()
     found = (run_ours if args.method == "ours" else run_authors)(args.model_dir, ids, args, device)
     sync(device)
     elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else max_rss_mb() - rss_before
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb() - rss_before
     return {
         "method": args.method,
         "seconds": elapsed,
