@@ -1,14 +1,23 @@
 """Build script: the pure-Python package always; the native extension from csrc/ when it can.
 
-The extension is built against the torch already installed, so install with
-``pip install --no-build-isolation .`` to get it (a build-system requirement on torch
-would make pip fetch a torch of its own). Without torch, without a C++ compiler, or with
-``SUPEREXPERTS_NO_EXT=1``, the package installs without it and runs on the torch
-reference / Triton paths. The CUDA sources are compiled only when torch sees a CUDA
-toolkit.
+The extension (``superexperts_kernels._native``) is built against the torch already
+installed, so install with ``pip install --no-build-isolation .`` to get it (a build-system
+requirement on torch would make pip fetch a torch of its own). Without torch, without a C++
+compiler, or with ``SUPEREXPERTS_NO_EXT=1``, the package installs without it and runs on the
+torch reference / Triton paths.
+
+- CPU: ``csrc/*.cpp`` with OpenMP. When the build machine's CPU has AVX2 and FMA they are
+  enabled (``-mavx2 -mfma``, ATen's AVX2 vector types), so the extension is built for the
+  machine it is installed on; ``SUPEREXPERTS_PORTABLE=1`` leaves them off.
+- CUDA: ``csrc/*.cu`` too, when the installed torch was built with CUDA and finds a CUDA
+  toolkit (``SUPEREXPERTS_NO_CUDA=1`` skips them). A CPU-only torch wheel ships no CUDA
+  libraries to link against, so with it the CUDA sources are skipped.
+
+Sources compile in parallel with ninja when it is on PATH, one after the other without it.
 """
 
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +26,21 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"
+NAME = "superexperts_kernels._native"
+
+
+def _say(message):
+    print(f"superexperts: {message}", file=sys.stderr)
+
+
+def _has_avx2_fma():
+    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("SUPEREXPERTS_PORTABLE") == "1":
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma", "f16c"} <= set(flags.split())
 
 
 def _extensions():
@@ -28,30 +52,33 @@ def _extensions():
     try:
         from torch.utils import cpp_extension
     except ImportError:
-        print("superexperts: torch not importable at build time; skipping the native extension", file=sys.stderr)
+        _say("torch not importable at build time; skipping the native extension")
         return [], {}
     if shutil.which(os.environ.get("CXX", "c++")) is None:
-        print("superexperts: no C++ compiler; skipping the native extension", file=sys.stderr)
+        _say("no C++ compiler; skipping the native extension")
         return [], {}
 
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas"]
+    if _has_avx2_fma():
+        cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
+    kwargs = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+
     cu = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
-    with_cuda = bool(cu) and cpp_extension.CUDA_HOME is not None and os.environ.get("SUPEREXPERTS_NO_CUDA") != "1"
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
-    extra = {"cxx": cxx_flags}
-    if with_cuda:
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
-        ext = cpp_extension.CUDAExtension(
-            "superexperts_kernels._native",
-            cpp + cu,
-            extra_compile_args=extra,
-            define_macros=[("SUPEREXPERTS_WITH_CUDA", "1")],
-            extra_link_args=["-fopenmp"],
-        )
-    else:
-        ext = cpp_extension.CppExtension(
-            "superexperts_kernels._native", cpp, extra_compile_args=extra, extra_link_args=["-fopenmp"]
-        )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    if cu and os.environ.get("SUPEREXPERTS_NO_CUDA") != "1":
+        if cpp_extension.CUDA_HOME is None:
+            _say("torch has no CUDA (or no CUDA toolkit was found); building the CPU kernels only")
+        else:
+            kwargs["extra_compile_args"]["nvcc"] = ["-O3"]
+            ext = cpp_extension.CUDAExtension(
+                NAME, cpp + cu, define_macros=[("SUPEREXPERTS_WITH_CUDA", "1")], **kwargs
+            )
+            return [ext], _cmdclass(cpp_extension)
+    return [cpp_extension.CppExtension(NAME, cpp, **kwargs)], _cmdclass(cpp_extension)
+
+
+def _cmdclass(cpp_extension):
+    use_ninja = shutil.which("ninja") is not None
+    return {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=use_ninja)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import json
 import platform
@@ -87,11 +88,14 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
 
 
 def peak_rss_mb(reset: bool = False) -> float:
-    """Peak RSS of this process in MB (Linux VmHWM); `reset` restarts it at the current RSS.
+    """Peak RSS of this process in MB (Linux VmHWM). `reset` first hands freed heap memory back
+    to the OS (else a method could reuse pages that building its inputs left resident, and show
+    no growth) and restarts the peak at the current RSS.
 
     Not ``ru_maxrss``: that survives fork and exec, so a child would start at its parent's peak.
     """
     if reset:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     with open("/proc/self/status") as f:

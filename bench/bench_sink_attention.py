@@ -3,7 +3,7 @@
 Methods, all on the same causal GQA inputs (Qwen3-30B-A3B heads: Hq=32, Hkv=4, D=128):
 
 - ``ours``: ``torch.ops.superexperts.attention_with_sink`` through the public wrapper (the
-  backend serving the device: Triton on CUDA, the chunked torch reference on CPU).
+  backend serving the device: Triton on CUDA; native C++, else the chunked torch reference, on CPU).
 - ``ours_nosink``: the same Triton kernel without the sink accumulation (CUDA only); the
   sink overhead is ``ours / ours_nosink - 1``.
 - ``sdpa``: ``F.scaled_dot_product_attention`` (GQA), forced to the flash backend on CUDA

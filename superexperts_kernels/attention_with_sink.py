@@ -3,7 +3,7 @@
 The op is a `torch.library.custom_op` with an explicit fake implementation, so
 `torch.compile(fullgraph=True)` and CUDA graphs trace through it; the real
 implementation validates its inputs and dispatches to the backend chosen by
-`superexperts_kernels._backend` (CUDA: Triton; CPU: the chunked torch reference).
+`superexperts_kernels._backend` (CUDA: Triton; CPU: native, else the chunked torch reference).
 """
 
 from __future__ import annotations

@@ -252,3 +252,19 @@ def test_backends_report():
     assert table[OP]["cpu"] in ("reference", "native", "triton")
     with pytest.raises(ValueError, match="backend"):
         sk.set_backend(OP, "cpu", "nonsense")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_nan_is_the_max_at_its_first_occurrence(backend):
+    """A NaN in y wins the max (as torch.max has it) and is located at its first occurrence."""
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    x = torch.zeros(6, 16)
+    x[:, 3] = 1.0
+    x[4, 7] = float("nan")  # every entry of y[4] is NaN
+    w = torch.zeros(2, 20, 16)
+    w[:, :, 3] = torch.arange(20.0)
+    offsets = torch.tensor([2, 6], dtype=torch.int32)
+    out = run(backend, device, x.to(device), w.to(device), offsets.to(device), channel_stats=True)
+    assert out.out_absmax[0].item() == 19.0 and out.out_absmax[1].isnan()
+    assert out.out_argmax.tolist() == [[0, 19], [4, 0]]
+    assert out.in_absmax[1].isnan() and out.channel_absmax[1].isnan().all()

@@ -55,6 +55,7 @@ def test_stats_equal_brute_force(saved):
         for key, (value, token, channel, in_max, rows) in want[kind].items():
             u = got[key]
             assert u["output_max"] == pytest.approx(value, rel=1e-5)
+            assert u["input_max"] == pytest.approx(in_max, rel=1e-5)
             assert (u["sample"] * ids.shape[1] + u["position"], u["channel"], u["rows"]) == (token, channel, rows)
     for row in result.massive_activations():
         value, token, channel, _, _ = want["hidden"][row["layer"]]

@@ -190,6 +190,7 @@ def profile(
         for h in handles:
             h.remove()
     elapsed = time.perf_counter() - start
+    num_batches = len(as_batches(calibration, batch_size))
     return ProfileResult.from_collector(
         stats,
         **meta,
@@ -197,4 +198,5 @@ def profile(
         num_sequences=calibration.shape[0],
         num_sink_tokens=num_sink_tokens,
         elapsed_s=elapsed,
+        work_fraction=(num_batches - done) / num_batches,
     )

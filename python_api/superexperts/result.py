@@ -46,6 +46,7 @@ class ProfileResult:
     hidden: dict[int, HiddenStats] = field(default_factory=dict)
     sink: dict[int, SinkStats] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    work_fraction: float = 1.0  # share of the run done in `elapsed_s` (less than 1 after a resume)
 
     # ------------------------------------------------------------------ construction
 
@@ -71,7 +72,8 @@ class ProfileResult:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.num_tokens / self.elapsed_s if self.elapsed_s > 0 else float("nan")
+        """Calibration tokens per second through the whole model (the resumed part only, after a resume)."""
+        return self.num_tokens * self.work_fraction / self.elapsed_s if self.elapsed_s > 0 else float("nan")
 
     def locate(self, token: int) -> tuple[int, int]:
         """Global token id -> (sample, position); (-1, -1) for none."""

@@ -319,4 +319,5 @@ def stream_profile(
         num_sequences=calibration.shape[0],
         num_sink_tokens=num_sink_tokens,
         elapsed_s=elapsed,
+        work_fraction=(len(parts) - start_layer) / len(parts),
     )

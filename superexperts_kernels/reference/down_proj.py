@@ -72,7 +72,9 @@ def moe_down_proj_profile_reference(
     out_absmax.scatter_reduce_(0, expert_of_row, row_max, "amax")
     row_ids = torch.arange(routed, device=dev)
     first = torch.full((num_experts,), routed, dtype=torch.int64, device=dev)
-    first.scatter_reduce_(0, expert_of_row, torch.where(row_max == out_absmax[expert_of_row], row_ids, routed), "amin")
+    best = out_absmax[expert_of_row]
+    is_max = (row_max == best) | (row_max.isnan() & best.isnan())
+    first.scatter_reduce_(0, expert_of_row, torch.where(is_max, row_ids, routed), "amin")
     has_rows = rows > 0
     row = first.clamp(max=routed - 1)
     located = row_token.to(torch.int64)[row] if row_token is not None else row

@@ -13,6 +13,8 @@ output dtype, stores it, and reduces the rounded values:
   so their int32 bits order like the floats);
 - max |x| of the expert's rows, by the tiles of the first column block while they stream x.
 
+All maxima are taken on fp32 bit patterns, so a NaN wins (as with ``torch.max``).
+
 ``y`` is written once and never read back. The launcher decodes the keys with a few
 ``[E]``-sized torch ops.
 """
@@ -104,7 +106,7 @@ def _moe_down_proj_kernel(
     x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk
     w_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_absmax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    x_absmax_bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
     k_end = tl.where(routed, inter, 0)
     for k0 in range(0, k_end, BLOCK_K):
         k_mask = ks < inter - k0
@@ -112,7 +114,8 @@ def _moe_down_proj_kernel(
         b = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         if WITH_STATS:
             if pid_n == 0:
-                x_absmax = tl.maximum(x_absmax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
+                a_bits = tl.abs(a.to(tl.float32)).to(tl.int32, bitcast=True)
+                x_absmax_bits = tl.maximum(x_absmax_bits, tl.max(a_bits, axis=1))
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -128,14 +131,16 @@ def _moe_down_proj_kernel(
     tl.store(y_ptrs, y, mask=out_mask)
 
     if WITH_STATS:
-        y_abs = tl.where(out_mask, tl.abs(y.to(tl.float32)), 0.0)
-        bits = y_abs.to(tl.int32, bitcast=True).to(tl.int64)
+        # Maxima are taken on the fp32 bits: for values >= 0 they order like the floats, and
+        # NaN (above +inf) wins, as torch.max has it.
+        bits32 = tl.where(out_mask, tl.abs(y.to(tl.float32)), 0.0).to(tl.int32, bitcast=True)
+        bits = bits32.to(tl.int64)
         flat = local_rows.to(tl.int64)[:, None] * hidden + cols[None, :]
         key = tl.where(out_mask, (bits << 32) | (4294967295 - flat), 0)
         tl.atomic_max(key_ptr + e, tl.max(tl.max(key, axis=1), axis=0), mask=routed)
-        tl.atomic_max(in_bits_ptr + e, tl.max(x_absmax, axis=0).to(tl.int32, bitcast=True), mask=tl.where(routed, pid_n, 1) == 0)
+        tl.atomic_max(in_bits_ptr + e, tl.max(x_absmax_bits, axis=0), mask=tl.where(routed, pid_n, 1) == 0)
         if CHANNEL_STATS:
-            col_bits = tl.max(y_abs, axis=0).to(tl.int32, bitcast=True)
+            col_bits = tl.max(bits32, axis=0)
             tl.atomic_max(chan_bits_ptr + e.to(tl.int64) * hidden + cols, col_bits, mask=routed_cols)
 
 

@@ -1,0 +1,261 @@
+// attention_with_sink_native on CPU: flash-attention forward (online softmax in fp32) that also
+// returns, per query, the softmax mass on the visible sink keys.
+//
+// Work item: one batch entry, one kv head and a block of kQueryBlock queries for all the
+// query heads that share the kv head (GQA), stacked into R = group * queries rows so that one
+// GEMM serves them all. The item walks the key blocks its queries can see (causal and
+// sliding-window bounds skip the rest) with two ATen fp32 GEMMs per block, scores = Q K^T and
+// O += P V, and keeps per row the running max, the softmax denominator and the sink mass.
+// Extra memory is the fp32 copies of k and v (none for contiguous fp32 inputs) plus
+// O(R * (D + kKeyBlock)) per thread: the T x Tk scores never exist.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "checks.h"
+
+namespace superexperts {
+namespace {
+
+constexpr const char* kOp = "superexperts::attention_with_sink_native";
+constexpr int64_t kMaxHeadDim = 256;
+// Queries per item, and keys per block: at group 8 and D = 128 the [256, 128] query block,
+// scores and output accumulator take 128 KiB each and stay in L2.
+constexpr int64_t kQueryBlock = 32;
+constexpr int64_t kKeyBlock = 128;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+using Vec = at::vec::Vectorized<float>;
+
+struct Problem {
+  at::Tensor q;               // [B, Hq, T, D], any strides
+  at::Tensor k, v;            // [B, Hkv, Tk, D] fp32, contiguous
+  const bool* mask;           // [B, Tk] key_padding_mask, or null
+  const float* sink_logits;   // [Hq] fp32, or null
+  at::Tensor o;               // [B, Hq, T, D] q.dtype, contiguous
+  float* sink_mass;           // [B, Hq, T]
+  float scale;
+  bool causal;
+  int64_t num_sink, window;   // window 0: none
+  int64_t seq_q, seq_k, head_dim, group, kv_heads, q_blocks;
+};
+
+// Per-thread buffers for one item: R = group * kQueryBlock rows.
+struct Workspace {
+  at::Tensor q, s, o;              // [R, D] scaled queries, [R, kKeyBlock] scores, [R, D] output
+  std::vector<float> m, l, sink;   // [R] running max, denominator, sink numerator
+  Workspace(int64_t rows, int64_t head_dim)
+      : q(at::empty({rows, head_dim}, at::kFloat)),
+        s(at::empty({rows * kKeyBlock}, at::kFloat)),
+        o(at::empty({rows, head_dim}, at::kFloat)),
+        m(rows), l(rows), sink(rows) {}
+};
+
+float row_max(const float* x, int64_t n) {
+  if (n <= 0) return kNegInf;
+  return at::vec::reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, x, n);
+}
+
+// x[j] = exp(x[j] - m) for j < n; returns the sum.
+float exp_sum(float* x, int64_t n, float m) {
+  const Vec vm(m);
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec e = (Vec::loadu(x + j) - vm).exp_u20();
+    e.store(x + j);
+    acc = acc + e;
+  }
+  if (j < n) {
+    const int64_t rest = n - j;
+    // loadu fills the lanes past `rest` with zeros: mask their exp(-m) out of the sum.
+    const Vec e = Vec::set(Vec(0.f), (Vec::loadu(x + j, rest) - vm).exp_u20(), rest);
+    e.store(x + j, rest);
+    acc = acc + e;
+  }
+  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, acc);
+}
+
+void scale_row(float* x, int64_t n, float alpha) {
+  at::vec::map([alpha](const Vec& a) { return a * Vec(alpha); }, x, x, n);
+}
+
+// One item: batch `b`, kv head `hk`, queries [i0, i0 + nq) of the `group` heads reading `hk`.
+template <typename scalar_t>
+void attend_block(const Problem& pb, Workspace& ws, int64_t b, int64_t hk, int64_t i0) {
+  const int64_t nq = std::min(kQueryBlock, pb.seq_q - i0), rows = pb.group * nq, d = pb.head_dim;
+  const int64_t pos0 = pb.seq_k - pb.seq_q + i0;  // absolute position of query i0
+
+  const scalar_t* q = pb.q.const_data_ptr<scalar_t>();
+  const auto qs = pb.q.strides();
+  float* qb = ws.q.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t h = hk * pb.group + r / nq, i = i0 + r % nq;
+    const scalar_t* src = q + b * qs[0] + h * qs[1] + i * qs[2];
+    for (int64_t c = 0; c < d; ++c) qb[r * d + c] = static_cast<float>(src[c * qs[3]]) * pb.scale;
+    // A learned sink logit joins the softmax as a key with no value: exp(logit - m) in l.
+    ws.m[r] = pb.sink_logits ? pb.sink_logits[h] : kNegInf;
+    ws.l[r] = pb.sink_logits ? 1.f : 0.f;
+    ws.sink[r] = 0.f;
+  }
+  ws.o.narrow(0, 0, rows).zero_();
+  const at::Tensor q_rows = ws.q.narrow(0, 0, rows), o_rows = ws.o.narrow(0, 0, rows);
+  float* ob = ws.o.data_ptr<float>();
+
+  // Keys any of the block's queries can see.
+  const int64_t key_end = pb.causal ? std::min(pb.seq_k, pos0 + nq) : pb.seq_k;
+  const int64_t key_begin = pb.window ? std::max<int64_t>(0, pos0 - pb.window + 1) : 0;
+  const at::Tensor k = pb.k[b][hk], v = pb.v[b][hk];  // [Tk, D]
+  const bool* mask = pb.mask ? pb.mask + b * pb.seq_k : nullptr;
+
+  for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, key_end - j0);
+    at::Tensor scores = ws.s.narrow(0, 0, rows * nk).view({rows, nk});
+    at::mm_out(scores, q_rows, k.narrow(0, j0, nk).t());
+    float* sb = scores.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      float* s = sb + r * nk;
+      const int64_t pos = pos0 + r % nq;
+      // Visible keys of this row within the block: [lo, hi), minus the padded ones.
+      const int64_t hi = std::clamp<int64_t>((pb.causal ? pos + 1 : key_end) - j0, 0, nk);
+      const int64_t lo = std::clamp<int64_t>((pb.window ? pos - pb.window + 1 : 0) - j0, 0, hi);
+      if (mask) {
+        for (int64_t j = lo; j < hi; ++j) s[j] = mask[j0 + j] ? s[j] : kNegInf;
+      }
+      const float m_new = std::max(ws.m[r], row_max(s + lo, hi - lo));
+      std::fill(s, s + lo, 0.f);
+      std::fill(s + hi, s + nk, 0.f);
+      if (m_new == kNegInf) {  // nothing visible so far: this row adds nothing to O
+        std::fill(s + lo, s + hi, 0.f);
+        continue;
+      }
+      const float alpha = std::exp(ws.m[r] - m_new);
+      const float sum = exp_sum(s + lo, hi - lo, m_new);
+      float sink = 0.f;
+      for (int64_t j = lo; j < std::min(hi, pb.num_sink - j0); ++j) sink += s[j];
+      ws.l[r] = ws.l[r] * alpha + sum;
+      ws.sink[r] = ws.sink[r] * alpha + sink;
+      if (alpha != 1.f) scale_row(ob + r * d, d, alpha);
+      ws.m[r] = m_new;
+    }
+    o_rows.addmm_(scores, v.narrow(0, j0, nk));
+  }
+
+  scalar_t* o = pb.o.data_ptr<scalar_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t h = hk * pb.group + r / nq, i = i0 + r % nq;
+    const int64_t head = b * pb.group * pb.kv_heads + h;  // flat (b, h)
+    const float inv = ws.l[r] > 0.f ? 1.f / ws.l[r] : 0.f;
+    scalar_t* dst = o + (head * pb.seq_q + i) * d;
+    for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(ob[r * d + c] * inv);
+    pb.sink_mass[head * pb.seq_q + i] = ws.sink[r] * inv;
+  }
+}
+
+void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                          int64_t num_sink_tokens, std::optional<int64_t> sliding_window,
+                          const std::optional<at::Tensor>& key_padding_mask,
+                          const std::optional<at::Tensor>& sink_logits) {
+  check_float(kOp, "q", q, 4);
+  TORCH_CHECK_VALUE(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, kOp, ": `q` has head dim ", q.size(3),
+                    " (shape ", q.sizes(), "); it must be in 1..", kMaxHeadDim);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
+    check_float(kOp, name, t, 4);
+    check_like(kOp, name, t, "q", q);
+    check_size(kOp, name, t, 0, q.size(0), "the batch size q.shape[0]");
+    check_size(kOp, name, t, 3, q.size(3), "the head dim q.shape[3]");
+  }
+  const int64_t kv_heads = k.size(1);
+  TORCH_CHECK_VALUE(kv_heads > 0 && q.size(1) % kv_heads == 0, kOp, ": `k` has ", kv_heads, " heads (shape ",
+                    k.sizes(), "), which must divide the ", q.size(1), " query heads of `q`");
+  TORCH_CHECK_VALUE(k.size(2) > 0, kOp, ": `k` holds no key (shape ", k.sizes(), "); attention needs at least one");
+  check_size(kOp, "v", v, 1, kv_heads, "the kv heads k.shape[1]");
+  check_size(kOp, "v", v, 2, k.size(2), "the keys k.shape[2]");
+  TORCH_CHECK_VALUE(num_sink_tokens >= 1, kOp, ": `num_sink_tokens` must be >= 1, got ", num_sink_tokens);
+  if (sliding_window) {
+    TORCH_CHECK_VALUE(*sliding_window >= 1, kOp, ": `sliding_window` must be >= 1, got ", *sliding_window);
+    TORCH_CHECK_VALUE(causal, kOp, ": `sliding_window` is defined only together with causal=True");
+  }
+  if (key_padding_mask) {
+    check_rank(kOp, "key_padding_mask", *key_padding_mask, 2);
+    TORCH_CHECK_TYPE(key_padding_mask->scalar_type() == at::kBool, kOp, ": `key_padding_mask` must be bool, got ",
+                     key_padding_mask->scalar_type());
+    TORCH_CHECK_VALUE(key_padding_mask->device() == q.device(), kOp, ": `key_padding_mask` is on ",
+                      key_padding_mask->device(), " but `q` is on ", q.device());
+    check_size(kOp, "key_padding_mask", *key_padding_mask, 0, q.size(0), "the batch size q.shape[0]");
+    check_size(kOp, "key_padding_mask", *key_padding_mask, 1, k.size(2), "the keys k.shape[2]");
+  }
+  if (sink_logits) {
+    check_float(kOp, "sink_logits", *sink_logits, 1);
+    TORCH_CHECK_VALUE(sink_logits->device() == q.device(), kOp, ": `sink_logits` is on ", sink_logits->device(),
+                      " but `q` is on ", q.device());
+    check_size(kOp, "sink_logits", *sink_logits, 0, q.size(1), "the query heads q.shape[1]");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_with_sink_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, double scale, bool causal,
+                                                           int64_t num_sink_tokens,
+                                                           std::optional<int64_t> sliding_window,
+                                                           const std::optional<at::Tensor>& key_padding_mask,
+                                                           const std::optional<at::Tensor>& sink_logits) {
+  check_attention_args(q, k, v, causal, num_sink_tokens, sliding_window, key_padding_mask, sink_logits);
+  const int64_t batch = q.size(0), heads = q.size(1), seq_q = q.size(2), head_dim = q.size(3);
+  const int64_t kv_heads = k.size(1), group = heads / kv_heads;
+  at::Tensor o = at::empty({batch, heads, seq_q, head_dim}, q.options());
+  at::Tensor sink_mass = at::empty({batch, heads, seq_q}, q.options().dtype(at::kFloat));
+
+  const at::Tensor kf = k.to(at::kFloat).contiguous(), vf = v.to(at::kFloat).contiguous();
+  const at::Tensor mask = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
+  const at::Tensor logits = sink_logits ? sink_logits->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t q_blocks = (seq_q + kQueryBlock - 1) / kQueryBlock;
+  const Problem pb{q,
+                   kf,
+                   vf,
+                   mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
+                   logits.defined() ? logits.const_data_ptr<float>() : nullptr,
+                   o,
+                   sink_mass.data_ptr<float>(),
+                   static_cast<float>(scale),
+                   causal,
+                   num_sink_tokens,
+                   sliding_window.value_or(0),
+                   seq_q,
+                   k.size(2),
+                   head_dim,
+                   group,
+                   kv_heads,
+                   q_blocks};
+
+  // Items in (b, kv head, query block) order, dealt out round-robin: with causal masking the
+  // later query blocks cost more, and round-robin gives each worker a share of every cost.
+  const int64_t items = batch * kv_heads * q_blocks;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    Workspace ws(group * kQueryBlock, head_dim);
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t item = w; item < items; item += workers) {
+        const int64_t qb = item % q_blocks, bh = item / q_blocks;
+        SUPEREXPERTS_DISPATCH_FLOAT(q.scalar_type(), "attention_with_sink_native", [&] {
+          attend_block<scalar_t>(pb, ws, bh / kv_heads, bh % kv_heads, qb * kQueryBlock);
+        });
+      }
+    }
+  });
+  return {o, sink_mass};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(superexperts, CPU, m) {
+  m.impl("attention_with_sink_native", &attention_with_sink_cpu);
+}
+
+}  // namespace superexperts
