@@ -10,6 +10,7 @@
 // O(R * (D + kKeyBlock)) per thread: the T x Tk scores never exist.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -238,7 +239,10 @@ std::tuple<at::Tensor, at::Tensor> attention_with_sink_cpu(const at::Tensor& q, 
   // later query blocks cost more, and round-robin gives each worker a share of every cost.
   const int64_t items = batch * kv_heads * q_blocks;
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
+  // Workers start with default thread-local state; give them the caller's (below autograd).
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     Workspace ws(group * kQueryBlock, head_dim);
     for (int64_t w = w0; w < w1; ++w) {
       for (int64_t item = w; item < items; item += workers) {

@@ -9,6 +9,7 @@
 // while the block is in cache. The pieces' statistics are merged in row order at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -200,7 +201,10 @@ DownProjOutputs moe_down_proj_profile_cpu(const at::Tensor& x, const at::Tensor&
   const bool channels = with_stats && channel_stats;
   at::Tensor piece_chan = at::zeros({channels ? static_cast<int64_t>(pieces.size()) : 0, hidden}, at::kFloat);
 
+  // Workers start with default thread-local state; give them the caller's (below autograd).
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     at::Tensor wbuf = at::empty({kColBlock * x.size(1)}, at::kFloat);
     at::Tensor accbuf = at::empty({kRowBlock * kColBlock}, at::kFloat);
     for (int64_t i = first[p0]; i < first[p1]; ++i) {

@@ -7,6 +7,7 @@
 // attention_with_sink: those are Python custom ops that validate their arguments and pick a
 // backend; a C++ CPU kernel registered under their names would bypass both.
 #include <Python.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(superexperts, m) {
@@ -18,6 +19,13 @@ TORCH_LIBRARY_FRAGMENT(superexperts, m) {
       "attention_with_sink_native(Tensor q, Tensor k, Tensor v, float scale, bool causal=True, "
       "int num_sink_tokens=1, int? sliding_window=None, Tensor? key_padding_mask=None, "
       "Tensor? sink_logits=None) -> (Tensor, Tensor)");
+}
+
+// Forward-only ops: the autograd kernel runs the device kernel below autograd (so ATen calls
+// with out= on inputs that require grad are fine there) and raises if a backward is asked for.
+TORCH_LIBRARY_IMPL(superexperts, Autograd, m) {
+  m.impl("moe_down_proj_profile_native", torch::autograd::autogradNotImplementedFallback());
+  m.impl("attention_with_sink_native", torch::autograd::autogradNotImplementedFallback());
 }
 
 #ifdef SUPEREXPERTS_WITH_CUDA

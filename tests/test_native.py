@@ -333,3 +333,24 @@ def test_attention_public_op_validates_before_dispatch():
         for name, exc, override in cases:
             with pytest.raises(exc, match=f"^superexperts.attention_with_sink: `{name}`"):
                 sk.attention_with_sink(**{**good, **override})
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_inputs_that_require_grad_on_worker_threads(threads):
+    """Model weights require grad; the kernels' worker threads must run below autograd too,
+    and a backward through the forward-only ops must fail loudly."""
+    x, w, offsets, _ = dp_tests.make_inputs([5, 0, 40, 3], 16, 24, 2, torch.float32, "cpu")
+    w.requires_grad_(True)
+    out = run_dp("cpu", x, w, offsets)
+    ref = moe_down_proj_profile_reference(x, w.detach(), offsets, None, None, False, False)
+    torch.testing.assert_close(out.y.detach(), ref[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        out.y.sum().backward()
+
+    q = torch.randn(1, 4, 150, 16, requires_grad=True)
+    kv = torch.randn(1, 2, 150, 16, requires_grad=True)
+    with sk.use_backend("attention_with_sink", "cpu", "native"):
+        o, mass = sk.attention_with_sink(q, kv, kv)
+    want = attention_with_sink_reference(q.detach(), kv.detach(), kv.detach(), 0.25)
+    torch.testing.assert_close(o.detach(), want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mass, want[1], rtol=1e-4, atol=1e-5)
