@@ -101,14 +101,17 @@ def _attention_with_sink_op(
     return tuple(impl(*args))
 
 
-@_attention_with_sink_op.register_fake
-def _(q, k, v, scale, causal=True, num_sink_tokens=1, sliding_window=None, key_padding_mask=None, sink_logits=None):
+def fake_outputs(q, k, v, scale, causal=True, num_sink_tokens=1, sliding_window=None, key_padding_mask=None, sink_logits=None):
+    """Validated empty outputs of the right shapes (the fake implementation)."""
     _validate(q, k, v, scale, causal, num_sink_tokens, sliding_window, key_padding_mask, sink_logits)
     batch, num_heads, seq_q, head_dim = q.shape
     return (
         q.new_empty(batch, num_heads, seq_q, head_dim),
         torch.empty(batch, num_heads, seq_q, dtype=torch.float32, device=q.device),
     )
+
+
+_attention_with_sink_op.register_fake(fake_outputs)
 
 
 def attention_with_sink(

@@ -89,8 +89,8 @@ def _moe_down_proj_profile_op(
     return tuple(impl(x, w_down, offsets, bias, row_token, w_transposed, channel_stats))
 
 
-@_moe_down_proj_profile_op.register_fake
-def _(x, w_down, offsets, bias=None, row_token=None, w_transposed=False, channel_stats=False):
+def fake_outputs(x, w_down, offsets, bias=None, row_token=None, w_transposed=False, channel_stats=False):
+    """Validated empty outputs of the right shapes (the fake implementation)."""
     hidden = _validate(x, w_down, offsets, bias, row_token, w_transposed)
     num_experts = w_down.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -102,6 +102,9 @@ def _(x, w_down, offsets, bias=None, row_token=None, w_transposed=False, channel
         torch.empty(num_experts, dtype=torch.int64, device=x.device),
         torch.empty(num_experts, hidden if channel_stats else 0, **f32),
     )
+
+
+_moe_down_proj_profile_op.register_fake(fake_outputs)
 
 
 def moe_down_proj_profile(

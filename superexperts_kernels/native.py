@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from .attention_with_sink import _validate as _validate_attention
-from .moe_down_proj_profile import _validate as _validate_down_proj
+from .attention_with_sink import fake_outputs as attention_fake
+from .moe_down_proj_profile import fake_outputs as down_proj_fake
 
 try:
     from . import _native
@@ -74,22 +74,9 @@ if _native is not None:
 
     @torch.library.register_fake("superexperts::moe_down_proj_profile_native")
     def _(x, w_down, offsets, bias=None, row_token=None, w_transposed=False, channel_stats=False, with_stats=True):
-        hidden = _validate_down_proj(x, w_down, offsets, bias, row_token, w_transposed)
-        num_experts = w_down.shape[0]
-        f32 = dict(dtype=torch.float32, device=x.device)
-        return (
-            x.new_empty(x.shape[0], hidden),
-            torch.empty(num_experts, **f32),
-            torch.empty(num_experts, 2, dtype=torch.int64, device=x.device),
-            torch.empty(num_experts, **f32),
-            torch.empty(num_experts, dtype=torch.int64, device=x.device),
-            torch.empty(num_experts, hidden if channel_stats else 0, **f32),
-        )
+        return down_proj_fake(x, w_down, offsets, bias, row_token, w_transposed, channel_stats)
 
-    @torch.library.register_fake("superexperts::attention_with_sink_native")
-    def _(q, k, v, scale, causal=True, num_sink_tokens=1, sliding_window=None, key_padding_mask=None, sink_logits=None):
-        _validate_attention(q, k, v, scale, causal, num_sink_tokens, sliding_window, key_padding_mask, sink_logits)
-        return q.new_empty(q.shape), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    torch.library.register_fake("superexperts::attention_with_sink_native")(attention_fake)
 
     _backend.register_impl(DOWN_PROJ_OP, "native", moe_down_proj_profile_native)
     _backend.register_impl(ATTENTION_OP, "native", attention_with_sink_native)
