@@ -168,7 +168,7 @@ def cmd_prune_eval(args) -> int:
     from .ablation import ablate, parse_experts
     from .calibration import check_source
     from .loading import check_model_dir, load_model
-    from .report import _finite
+    from .report import _finite, can_plot
 
     experts = parse_experts(args.experts) if args.experts else _experts_from_report(args.super_experts)
     if not experts:
@@ -183,7 +183,7 @@ def cmd_prune_eval(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "ablation.json").write_text(json.dumps(_finite(ablation.to_dict()), indent=2))
-        if not args.no_plots:
+        if not args.no_plots and can_plot():
             from .plots import plot_sink_decay
 
             plot_sink_decay(ablation.sink_decay, ablation.base.sink_mass, ablation.pruned.sink_mass, out / "sink_decay.png")

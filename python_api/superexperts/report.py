@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import warnings
 from pathlib import Path
 
 from .ablation import AblationResult
@@ -12,6 +14,14 @@ from .rules import Rule, SuperExpert
 
 REPORT_FILE = "report.json"
 AUTHORS_FILE = "Super Experts Report.json"
+
+
+def can_plot() -> bool:
+    """True when matplotlib is installed; else warn that plots are skipped."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    warnings.warn("plots skipped: matplotlib is not installed (pip install 'superexperts-kernels[plot]')", stacklevel=3)
+    return False
 
 
 def authors_format(super_experts: list[SuperExpert]) -> list[dict]:
@@ -64,7 +74,8 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``report.json``, ``Super Experts Report.json``, ``profile.json`` +
     ``stats.safetensors`` (raw stats, reloadable with `ProfileResult.load`) and, with
-    `plots`, the PNGs. Returns the written paths by name."""
+    `plots` and matplotlib installed (else a warning), the PNGs. Returns the written paths
+    by name."""
     rule = rule or Rule()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +87,7 @@ def write_report(
         json.dump(authors_format(super_experts), f, indent=2)
     result.save(out)
     paths["stats"] = out / "stats.safetensors"
-    if plots:
+    if plots and can_plot():
         from . import plots as _plots
 
         paths["heatmap"] = _plots.plot_expert_heatmap(result, super_experts, out / "expert_heatmap.png")
