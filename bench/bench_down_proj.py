@@ -162,7 +162,7 @@ def main(argv=None):
 
     device = torch.device(args.device)
     tokens = args.tokens or (4096 if device.type == "cuda" else 256)
-    reps = args.reps or (20 if device.type == "cuda" else 3)
+    reps = args.reps or (20 if device.type == "cuda" else 7)
     dtype = getattr(torch, args.dtype)
     all_rows, summaries = [], []
     for name in args.shapes:

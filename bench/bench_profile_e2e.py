@@ -41,14 +41,17 @@ PLANTED = [(0, 68), (1, 92)]
 def build_model(layers: int, dtype: torch.dtype, device: str, seed: int = 0):
     import transformers
 
+    from superexperts.streaming import materialize_buffers
+
     cfg = transformers.Qwen3MoeConfig(
         vocab_size=4096, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
         num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960,
     )
     with torch.device("meta"):
-        model = transformers.Qwen3MoeForCausalLM(cfg)
-    model = model.to_empty(device=device).to(dtype)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = model.to_empty(device=device)
+    materialize_buffers(model, torch.device(device))
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -77,6 +77,13 @@ def build_skeleton(model_dir: str | Path, *, dtype: torch.dtype, device: torch.d
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, experts_implementation="superexperts", attn_implementation="superexperts_sink"
         )
+    materialize_buffers(model, device)
+    return model.eval()
+
+
+def materialize_buffers(model, device: torch.device) -> None:
+    """Put the non-persistent buffers (rotary tables: computed, never in a checkpoint) of a
+    meta-built model on `device`, computed by transformers' own init."""
     owners = set()
     for name, buf in model.named_non_persistent_buffers():
         module_path, _, buf_name = name.rpartition(".")
@@ -86,7 +93,6 @@ def build_skeleton(model_dir: str | Path, *, dtype: torch.dtype, device: torch.d
     with torch.no_grad():
         for owner in owners:
             model._init_weights(owner)
-    return model.eval()
 
 
 class LayerLoader:
