@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import peak_rss_mb, print_table, sync, write_json  # noqa: E402
+from _common import write_json  # noqa: E402
+from _compare import add_args, calibration_ids, compare, measure, resolve  # noqa: E402
 
 PLANTED = [(0, 68), (1, 92)]
 
@@ -130,66 +129,24 @@ def run_ours(model, ids, batch_size):
 
 
 def child(args) -> dict:
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    model = build_model(args.layers, dtype, args.device)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 4096, (args.tokens // args.seq_len, args.seq_len), generator=g)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    rss_before = peak_rss_mb(reset=True)
-    sync(device)
-    start = time.perf_counter()
+    model = build_model(args.layers, getattr(torch, args.dtype), args.device)
+    ids = calibration_ids(args)
     if args.method == "ours":
-        found = run_ours(model, ids, args.batch_size)
-    else:
-        found = run_authors(model, ids, args.batch_size, args.authors_row0)
-    sync(device)
-    elapsed = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else peak_rss_mb() - rss_before
-    return {
-        "method": args.method + ("_row0" if args.authors_row0 else ""),
-        "seconds": elapsed,
-        "tokens_per_s": args.tokens / elapsed,
-        "peak_MB_over_model": peak,
-        "super_experts": [[s.layer, s.expert, round(s.value, 2)] for s in found],
-    }
+        return measure("ours", lambda: run_ours(model, ids, args.batch_size), args)
+    name = "authors_row0" if args.authors_row0 else "authors"
+    return measure(name, lambda: run_authors(model, ids, args.batch_size, args.authors_row0), args)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 8 on CUDA, 2 on CPU)")
-    p.add_argument("--tokens", type=int, default=None, help="calibration tokens (default 8192 on CUDA, 512 on CPU)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_args(p, cuda_tokens=8192, cuda_batch=8)
     p.add_argument("--authors-row0", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--method", choices=["ours", "authors"], help=argparse.SUPPRESS)
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    args.layers = args.layers or (8 if cuda else 2)
-    args.tokens = args.tokens or (8192 if cuda else 512)
-    args.batch_size = args.batch_size or (8 if cuda else 1)
-
+    resolve(args)
     if args.method:  # child process
         print(json.dumps(child(args)))
         return
-
-    rows = []
-    for method, extra in (("ours", []), ("authors", []), ("authors", ["--authors-row0"])):
-        cmd = [sys.executable, __file__, "--method", method, "--layers", str(args.layers), "--tokens", str(args.tokens),
-               "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
-               "--device", args.device, *extra]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    ours = rows[0]
-    for r in rows:
-        r["speedup_of_ours"] = r["seconds"] / ours["seconds"]
-        r["same_SEs_as_ours"] = [s[:2] for s in r["super_experts"]] == [s[:2] for s in ours["super_experts"]]
-    print_table(rows, ["method", "seconds", "tokens_per_s", "peak_MB_over_model", "speedup_of_ours", "same_SEs_as_ours", "super_experts"])
+    rows = compare(__file__, [("ours", []), ("authors", []), ("authors", ["--authors-row0"])], args, [])
     write_json(
         "profile_e2e",
         {"layers": args.layers, "tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import peak_rss_mb, print_table, sync, write_json  # noqa: E402
+from _common import sync, write_json  # noqa: E402
+from _compare import add_args, calibration_ids, compare, measure, resolve  # noqa: E402
 from bench_profile_e2e import PLANTED, HookedExperts, build_model  # noqa: E402
 
 
@@ -82,43 +82,18 @@ def run_authors(model_dir, ids, args, device):
 
 def child(args) -> dict:
     device = torch.device(args.device)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 4096, (args.tokens // args.seq_len, args.seq_len), generator=g)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_before = peak_rss_mb(reset=True)
-    start = time.perf_counter()
-    found = (run_ours if args.method == "ours" else run_authors)(args.model_dir, ids, args, device)
-    sync(device)
-    elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb() - rss_before
-    return {
-        "method": args.method,
-        "seconds": elapsed,
-        "tokens_per_s": args.tokens / elapsed,
-        "peak_MB": peak,
-        "super_experts": [[s.layer, s.expert, round(s.value, 2)] for s in found],
-    }
+    ids = calibration_ids(args)
+    run = run_ours if args.method == "ours" else run_authors
+    return measure(args.method, lambda: run(args.model_dir, ids, args, device), args)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 8 on CUDA, 2 on CPU)")
-    p.add_argument("--tokens", type=int, default=None, help="calibration tokens (default 65536 on CUDA, 512 on CPU)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_args(p, cuda_tokens=65536, cuda_batch=16)
     p.add_argument("--authors-sleep", type=float, default=0.1, help="their fixed pause per layer, seconds")
     p.add_argument("--model-dir", default=None, help="reuse a checkpoint written by an earlier run")
-    p.add_argument("--method", choices=["ours", "authors"], help=argparse.SUPPRESS)
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    args.layers = args.layers or (8 if cuda else 2)
-    args.tokens = args.tokens or (65536 if cuda else 512)
-    args.batch_size = args.batch_size or (16 if cuda else 1)
-
+    resolve(args)
     if args.method:
         print(json.dumps(child(args)))
         return
@@ -128,18 +103,8 @@ def main(argv=None):
         tmp = tempfile.TemporaryDirectory(prefix="bench_sweep_")
         args.model_dir = tmp.name
         write_checkpoint(Path(tmp.name), args.layers, getattr(torch, args.dtype))
-    rows = []
-    for method in ("ours", "authors"):
-        cmd = [sys.executable, __file__, "--method", method, "--model-dir", args.model_dir, "--tokens", str(args.tokens),
-               "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
-               "--device", args.device, "--authors-sleep", str(args.authors_sleep), "--layers", str(args.layers)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    ours = rows[0]
-    for r in rows:
-        r["speedup_of_ours"] = r["seconds"] / ours["seconds"]
-        r["same_SEs_as_ours"] = [s[:2] for s in r["super_experts"]] == [s[:2] for s in ours["super_experts"]]
-    print_table(rows, ["method", "seconds", "tokens_per_s", "peak_MB", "speedup_of_ours", "same_SEs_as_ours", "super_experts"])
+    forward = ["--model-dir", args.model_dir, "--authors-sleep", str(args.authors_sleep)]
+    rows = compare(__file__, [("ours", []), ("authors", [])], args, forward)
     write_json(
         "sweep",
         {"layers": args.layers, "tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
