@@ -27,7 +27,6 @@ from superexperts_kernels.reference.attention import attention_with_sink_referen
 from . import collector as _collector
 
 NAME = "superexperts_sink"
-_PROBE_ROWS = 4
 _warned: set[str] = set()
 
 
@@ -45,7 +44,7 @@ def _pattern_is_expressible(mask_function, q_length, kv_length, q_offset, kv_off
     """
     if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
         return False
-    rows = sorted({0, 1, q_length // 2, q_length - 2, q_length - 1} & set(range(q_length)))[: _PROBE_ROWS + 1]
+    rows = sorted({0, 1, q_length // 2, q_length - 2, q_length - 1} & set(range(q_length)))
     q = torch.tensor(rows, device=device)
     kv = torch.arange(kv_length, device=device)
     zero = torch.zeros(1, dtype=torch.long, device=device)
