@@ -176,13 +176,16 @@ def _load_config_file(name: str) -> dict[int, dict] | None:
 
 
 def get_config(num_rows: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile config: a tuned file from ``configs/`` (written by ``bench/tune_down_proj.py``)
-    keyed by total rows, nearest key wins; else a heuristic by rows per expert."""
+    """Tile config for a call: small tiles in the interpreter, else `config_for_device`."""
     if device.type != "cuda":
         return dict(_INTERPRETER_CONFIG)
-    tuned = _load_config_file(
-        config_file_name(num_experts, hidden, inter, dtype, torch.cuda.get_device_name(device))
-    )
+    return config_for_device(torch.cuda.get_device_name(device), num_rows, num_experts, hidden, inter, dtype)
+
+
+def config_for_device(device_name: str, num_rows: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> dict:
+    """A tuned file from ``configs/`` (written by ``bench/tune_down_proj.py``) keyed by total
+    rows, the nearest key winning; else a heuristic by rows per expert."""
+    tuned = _load_config_file(config_file_name(num_experts, hidden, inter, dtype, device_name))
     if tuned:
         return dict(tuned[min(tuned, key=lambda m: abs(m - num_rows))])
     return _default_cuda_config(num_rows / max(num_experts, 1), dtype)

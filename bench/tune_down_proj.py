@@ -1,0 +1,79 @@
+"""Tune the Triton down_proj kernel's tiles for one MoE shape on this GPU; write them as data.
+
+For each token count, every candidate tile config runs the kernel (statistics on) on rows
+routed top-k at random, and the fastest is kept. The result is written to
+``superexperts_kernels/triton_kernels/configs/E=..,H=..,I=..,dtype=..,device_name=...json``
+(``{total rows: config}``), which `get_config` then uses on GPUs of the same name.
+
+    python bench/tune_down_proj.py --experts 128 --hidden 2048 --inter 768 --top-k 8      # Qwen3-30B-A3B
+    python bench/tune_down_proj.py --experts 256 --hidden 7168 --inter 2048 --top-k 8     # DeepSeek-V3/R1
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import time_fn  # noqa: E402
+from bench_down_proj import routed_inputs  # noqa: E402
+
+
+def candidates(dtype: torch.dtype) -> list[dict]:
+    out = []
+    for bm, bn, bk, warps, stages in itertools.product((16, 32, 64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (3, 4, 5)):
+        if dtype == torch.float32 and (bk > 64 or bn > 128):
+            continue  # fp32 tiles of that size do not fit shared memory with 3+ stages
+        if bm * bn > 128 * 128 or (bm <= 32 and warps == 8):
+            continue
+        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages})
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", type=int, required=True)
+    p.add_argument("--hidden", type=int, required=True)
+    p.add_argument("--inter", type=int, required=True)
+    p.add_argument("--top-k", type=int, required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--tokens", type=int, nargs="*", default=[1, 16, 64, 256, 1024, 4096, 16384])
+    p.add_argument("--out", default=None, help="JSON path (default: the package's configs/ folder)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("tuning needs a CUDA device: the configs are per GPU model")
+
+    from superexperts_kernels.triton_kernels import down_proj as tk
+
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    best: dict[int, dict] = {}
+    for tokens in args.tokens:
+        x, w, offsets, _ = routed_inputs(args.experts, args.hidden, args.inter, args.top_k, tokens, dtype, device)
+        timings = []
+        for cfg in candidates(dtype):
+            try:
+                ms = time_fn(lambda: tk.moe_down_proj_profile_triton(x, w, offsets, None, None, False, False, config=cfg),
+                             device, warmup=2, reps=10)
+            except Exception as e:  # out of shared memory or registers for this tile
+                print(f"  skip {cfg}: {type(e).__name__}")
+                continue
+            timings.append((ms, cfg))
+        ms, cfg = min(timings, key=lambda t: t[0])
+        best[x.shape[0]] = cfg
+        print(f"tokens {tokens:>6} rows {x.shape[0]:>7}: {ms:.3f} ms with {cfg}")
+
+    name = tk.config_file_name(args.experts, args.hidden, args.inter, dtype, torch.cuda.get_device_name(device))
+    path = Path(args.out) if args.out else tk._CONFIG_DIR / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({str(rows): cfg for rows, cfg in sorted(best.items())}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
