@@ -43,16 +43,20 @@ def parse_experts(text: str) -> list[ExpertRef]:
     return out
 
 
-def _as_refs(experts: Iterable) -> list[ExpertRef]:
+def expert_refs(experts: Iterable) -> list[ExpertRef]:
+    """``(layer, expert)`` pairs from pairs, `SuperExpert`s, or report rows (ours: ``layer`` /
+    ``expert``; the authors': ``layer_index`` / ``expert_index``)."""
     refs = []
     for e in experts:
         if isinstance(e, SuperExpert):
-            refs.append((e.layer, e.expert))
+            layer, expert = e.layer, e.expert
         elif isinstance(e, dict):
-            refs.append((int(e["layer_index"] if "layer_index" in e else e["layer"]), e.get("expert_index", e.get("expert"))))
+            layer, expert = e.get("layer_index", e.get("layer")), e.get("expert_index", e.get("expert"))
+            if layer is None or expert is None:
+                raise ValueError(f"expert entry {e} has no layer/expert (or layer_index/expert_index)")
         else:
             layer, expert = e
-            refs.append((int(layer), expert))
+        refs.append((int(layer), expert if isinstance(expert, str) else int(expert)))
     return refs
 
 
@@ -61,7 +65,7 @@ class Pruning:
 
     def __init__(self, model: torch.nn.Module, experts: Iterable):
         self.model = model
-        self.experts = _as_refs(experts)
+        self.experts = expert_refs(experts)
         parts = {p.index: p for p in find_layers(model)}
         routed: dict[int, list[int]] = {}
         shared: list[torch.nn.Module] = []
@@ -202,7 +206,7 @@ def ablate(
     progress: bool = True,
 ) -> AblationResult:
     """Evaluate `model` on `tokens` as it is and with `experts` pruned; sink decay per layer."""
-    refs = _as_refs(experts)
+    refs = expert_refs(experts)
     base = evaluate(model, tokens, batch_size=batch_size, num_sink_tokens=num_sink_tokens, progress=progress)
     with prune_experts(model, refs):
         after = evaluate(model, tokens, batch_size=batch_size, num_sink_tokens=num_sink_tokens, progress=progress)

@@ -149,19 +149,17 @@ def cmd_profile(args) -> int:
 
 
 def _experts_from_report(path: str):
+    from .ablation import expert_refs
+
     data = json.loads(Path(path).read_text())
     if isinstance(data, dict):
         data = data.get("super_experts")
     if not isinstance(data, list):
         raise ValueError(f"--super-experts: {path} holds neither a superexperts report.json nor a 'Super Experts Report.json' list")
-    out = []
-    for row in data:
-        layer = row.get("layer_index", row.get("layer"))
-        expert = row.get("expert_index", row.get("expert"))
-        if layer is None or expert is None:
-            raise ValueError(f"--super-experts: entry {row} has no layer/expert")
-        out.append((int(layer), expert if isinstance(expert, str) else int(expert)))
-    return out
+    try:
+        return expert_refs(data)
+    except ValueError as e:
+        raise ValueError(f"--super-experts: {path}: {e}") from None
 
 
 def cmd_prune_eval(args) -> int:

@@ -67,10 +67,6 @@ class DownProjStats:
         self.in_absmax = torch.maximum(self.in_absmax, in_absmax)
         self.rows = self.rows + rows
 
-    def merge(self, other: DownProjStats) -> None:
-        """Fold in stats measured on other tokens (a later shard, another rank)."""
-        self.update(other.out_absmax, other.out_token, other.out_channel, other.in_absmax, other.rows)
-
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
             "out_absmax": self.out_absmax,
@@ -118,9 +114,6 @@ class HiddenStats:
         self.abs_sum = self.abs_sum + abs_sum
         self.count = self.count + count
 
-    def merge(self, other: HiddenStats) -> None:
-        self.update(other.top_values, other.top_token, other.top_channel, other.abs_sum, other.count)
-
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
             "top_values": self.top_values,
@@ -144,10 +137,6 @@ class SinkStats:
             mass_sum=torch.zeros(heads, dtype=torch.float64, device=device),
             count=torch.zeros((), dtype=torch.int64, device=device),
         )
-
-    def merge(self, other: SinkStats) -> None:
-        self.mass_sum = self.mass_sum + other.mass_sum
-        self.count = self.count + other.count
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"mass_sum": self.mass_sum, "count": self.count}
@@ -242,21 +231,6 @@ class StatsCollector:
         stats = self.sink[layer]
         stats.mass_sum = stats.mass_sum + mass.sum(dim=(0, 2))
         stats.count = stats.count + count
-
-    def merge(self, other: StatsCollector) -> None:
-        """Fold in another collector's stats (measured on other tokens)."""
-        for mine, theirs in (
-            (self.routed, other.routed),
-            (self.shared, other.shared),
-            (self.dense, other.dense),
-            (self.hidden, other.hidden),
-            (self.sink, other.sink),
-        ):
-            for layer, stats in theirs.items():
-                if layer in mine:
-                    mine[layer].merge(stats)
-                else:
-                    mine[layer] = stats
 
 
 TABLES = {"routed": DownProjStats, "shared": DownProjStats, "dense": DownProjStats, "hidden": HiddenStats, "sink": SinkStats}

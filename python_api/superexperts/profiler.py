@@ -50,21 +50,22 @@ def our_implementations(model: torch.nn.Module, *, attention: bool = True) -> It
             model.set_attn_implementation(old_attn)
 
 
-def _hook_outputs(parts: list[LayerParts], stats: StatsCollector) -> list:
+def hook_layer(parts: LayerParts, stats: StatsCollector) -> list:
+    """Forward hooks recording one layer's shared/dense down_proj outputs and its output
+    hidden states into `stats`; returns the handles."""
     handles = []
-    for p in parts:
-        for kind, units in ((SHARED, p.shared), (DENSE, p.dense)):
-            for i, (_, down) in enumerate(units):
+    for kind, units in ((SHARED, parts.shared), (DENSE, parts.dense)):
+        for i, (_, down) in enumerate(units):
 
-                def hook(module, inputs, output, kind=kind, layer=p.index, i=i, n=len(units)):
-                    stats.record_linear(kind, layer, i, n, inputs[0], output)
+            def hook(module, inputs, output, kind=kind, i=i, n=len(units)):
+                stats.record_linear(kind, parts.index, i, n, inputs[0], output)
 
-                handles.append(down.register_forward_hook(hook))
+            handles.append(down.register_forward_hook(hook))
 
-        def layer_hook(module, inputs, output, layer=p.index):
-            stats.record_hidden(layer, output[0] if isinstance(output, tuple) else output)
+    def layer_hook(module, inputs, output):
+        stats.record_hidden(parts.index, output[0] if isinstance(output, tuple) else output)
 
-        handles.append(p.layer.register_forward_hook(layer_hook))
+    handles.append(parts.layer.register_forward_hook(layer_hook))
     return handles
 
 
@@ -180,7 +181,7 @@ def profile(
             ckpt.save(stats, batches_done)
 
     model.eval()
-    handles = _hook_outputs(parts, stats)
+    handles = [h for p in parts for h in hook_layer(p, stats)]
     start = time.perf_counter()
     try:
         with our_implementations(model):

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from . import distributed as _dist
 from .checkpoint import CheckpointReader
-from .collector import DENSE, SHARED, StatsCollector, collecting
+from .collector import StatsCollector, collecting
 from .layers import LayerParts, decoder_layers, find_layers
-from .profiler import describe_model, register
+from .profiler import describe_model, hook_layer, register
 from .result import ProfileResult
 from .sweep import SweepCheckpoint, fingerprint
 
@@ -193,23 +193,6 @@ def layer_arguments(model, input_ids: torch.Tensor) -> dict[int, tuple]:
     return store
 
 
-def _hooks(parts: LayerParts, stats: StatsCollector) -> list:
-    handles = []
-    for kind, units in ((SHARED, parts.shared), (DENSE, parts.dense)):
-        for i, (_, down) in enumerate(units):
-
-            def hook(module, inputs, output, kind=kind, i=i, n=len(units)):
-                stats.record_linear(kind, parts.index, i, n, inputs[0], output)
-
-            handles.append(down.register_forward_hook(hook))
-
-    def layer_hook(module, inputs, output):
-        stats.record_hidden(parts.index, output[0] if isinstance(output, tuple) else output)
-
-    handles.append(parts.layer.register_forward_hook(layer_hook))
-    return handles
-
-
 def stream_profile(
     model_dir: str | Path,
     calibration: torch.Tensor,
@@ -296,7 +279,7 @@ def stream_profile(
         resident = _param_bytes(model)
         memory.layer_param_bytes.append(resident - memory.base_param_bytes)
         memory.peak_param_bytes = max(memory.peak_param_bytes, resident)
-        handles = _hooks(p, stats)
+        handles = hook_layer(p, stats)
         try:
             with collecting(stats), torch.inference_mode():
                 for b, batch in enumerate(batches):
