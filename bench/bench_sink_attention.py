@@ -97,7 +97,7 @@ def method_fns(seq, dtype, device, num_sink):
         "eager": lambda: eager_attention(q, k, v, scale, num_sink, causal_mask),
     }
     if _backend.select("attention_with_sink", device.type) == "triton":
-        from superexperts_kernels.triton_kernels.attention import attention_with_sink_triton
+        from superexperts_kernels._triton.attention import attention_with_sink_triton
 
         fns["ours_nosink"] = lambda: attention_with_sink_triton(q, k, v, scale, True, num_sink, with_sink=False)
     return fns, sdpa_backend

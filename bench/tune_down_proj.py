@@ -2,7 +2,7 @@
 
 For each token count, every candidate tile config runs the kernel (statistics on) on rows
 routed top-k at random, and the fastest is kept. The result is written to
-``superexperts_kernels/triton_kernels/configs/E=..,H=..,I=..,dtype=..,device_name=...json``
+``superexperts_kernels/_triton/configs/E=..,H=..,I=..,dtype=..,device_name=...json``
 (``{total rows: config}``), which `get_config` then uses on GPUs of the same name.
 
     python bench/tune_down_proj.py --experts 128 --hidden 2048 --inter 768 --top-k 8      # Qwen3-30B-A3B
@@ -48,7 +48,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         p.error("tuning needs a CUDA device: the configs are per GPU model")
 
-    from superexperts_kernels.triton_kernels import down_proj as tk
+    from superexperts_kernels._triton import down_proj as tk
 
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)

@@ -162,7 +162,7 @@ def attention_with_sink(
 
 
 def _load_triton() -> None:
-    from .triton_kernels.attention import attention_with_sink_triton
+    from ._triton.attention import attention_with_sink_triton
 
     _backend.register_impl(OP, "triton", attention_with_sink_triton)
 

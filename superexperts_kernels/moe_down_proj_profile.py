@@ -144,7 +144,7 @@ def moe_down_proj_profile(
 
 
 def _load_triton() -> None:
-    from .triton_kernels.down_proj import moe_down_proj_profile_triton
+    from ._triton.down_proj import moe_down_proj_profile_triton
 
     _backend.register_impl(OP, "triton", moe_down_proj_profile_triton)
 

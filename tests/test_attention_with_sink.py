@@ -210,7 +210,7 @@ def test_reference_grid(case):
 )
 def test_triton_tile_shapes(config):
     """Block skipping and the masked / unmasked key ranges hold for unequal tiles."""
-    from superexperts_kernels.triton_kernels.attention import attention_with_sink_triton
+    from superexperts_kernels._triton.attention import attention_with_sink_triton
 
     case = Case("tiles", 1, (4, 2), 70, 90, 16, torch.float32, num_sink=4, window=37, padding="random", sink_logits=True)
     q, k, v, mask, logits = make_inputs(case, KERNEL_DEVICE)
@@ -220,7 +220,7 @@ def test_triton_tile_shapes(config):
 
 @requires_triton
 def test_triton_without_sink_output_writes_same_o():
-    from superexperts_kernels.triton_kernels.attention import attention_with_sink_triton
+    from superexperts_kernels._triton.attention import attention_with_sink_triton
 
     case = Case("nosink", 1, (4, 2), 33, 40, 16, torch.float16, num_sink=4, window=20)
     q, k, v, _, _ = make_inputs(case, KERNEL_DEVICE)

@@ -142,7 +142,7 @@ def test_empty_input(backend):
 @requires_triton
 def test_triton_row_chunks_merge_like_one_pass(monkeypatch):
     """Calls too large for one packed key are split into row chunks; the merge is exact."""
-    from superexperts_kernels.triton_kernels import down_proj as tk
+    from superexperts_kernels._triton import down_proj as tk
 
     counts, hidden, inter = [5, 0, 23, 1, 9], 16, 24
     x, w, offsets, _ = make_inputs(counts, hidden, inter, 4, torch.float32, KERNEL_DEVICE)
@@ -161,7 +161,7 @@ def test_triton_row_chunks_merge_like_one_pass(monkeypatch):
 
 @requires_triton
 def test_triton_stats_off_writes_same_y():
-    from superexperts_kernels.triton_kernels.down_proj import moe_down_proj_profile_triton
+    from superexperts_kernels._triton.down_proj import moe_down_proj_profile_triton
 
     x, w, offsets, _ = make_inputs([3, 0, 20, 1], 24, 40, 1, torch.float16, KERNEL_DEVICE)
     with_stats = moe_down_proj_profile_triton(x, w, offsets, None, None, False, False)
@@ -275,7 +275,7 @@ def test_nan_is_the_max_at_its_first_occurrence(backend):
 @requires_triton
 def test_tuned_configs_are_data(tmp_path, monkeypatch):
     """A tuned file for the GPU and shape wins (nearest row count); without one, the heuristic."""
-    from superexperts_kernels.triton_kernels import down_proj as tk
+    from superexperts_kernels._triton import down_proj as tk
 
     monkeypatch.setattr(tk, "_CONFIG_DIR", tmp_path)
     tk._load_config_file.cache_clear()

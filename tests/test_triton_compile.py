@@ -47,7 +47,7 @@ def compile_kernel(kernel, pointer_types, constexprs, unit_strides, aligned_ints
 
 
 def down_proj_case(arch, dtype, with_stats):
-    from superexperts_kernels.triton_kernels import down_proj as m
+    from superexperts_kernels._triton import down_proj as m
 
     cfg = m._default_cuda_config(256.0, dtype)
     ptr = PTR[dtype]
@@ -67,7 +67,7 @@ def down_proj_case(arch, dtype, with_stats):
 
 
 def attention_case(arch, dtype, with_sink, window=False, pad=False, sink_logits=False):
-    from superexperts_kernels.triton_kernels import attention as m
+    from superexperts_kernels._triton import attention as m
 
     head_dim = 128
     cfg = m.get_config(4096, head_dim, dtype, torch.device("cuda"))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -36,7 +35,6 @@ LOW_MASK = 2**32 - 1
 # chunks by the launcher.
 MAX_FLAT_INDEX = LOW_MASK
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _CONFIG_DIR = Path(__file__).parent / "configs"
 
 
