@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,24 @@ def check_parallel(moe_config) -> None:
         raise ValueError("superexperts.vllm: expert load balancing (EPLB) moves experts between ranks at run time; turn it off to profile")
 
 
+def check_engine(config) -> None:
+    """Refuse engine settings the token references cannot follow; warn about prefix caching."""
+    if config.speculative_config is not None:
+        raise ValueError("superexperts.vllm: speculative decoding is not supported (draft tokens would be profiled as served tokens)")
+    if getattr(config, "use_v2_model_runner", False):
+        raise ValueError(
+            "superexperts.vllm: the token references hook into the V1 model runner; set VLLM_USE_V2_MODEL_RUNNER=0 "
+            "(superexperts.vllm.enable() and SUPEREXPERTS_VLLM=1 default it to 0)"
+        )
+    if config.cache_config.enable_prefix_caching and _tokens.current() is None:
+        warnings.warn(
+            "superexperts.vllm: prefix caching is on: tokens served from the prefix cache are not recomputed and so "
+            "not profiled. Start vLLM with --no-enable-prefix-caching (LLM(enable_prefix_caching=False)) to profile "
+            "every prompt token.",
+            stacklevel=2,
+        )
+
+
 def attach_stats(layer: torch.nn.Module, moe_config) -> LayerProfile:
     """Create (or find) the buffers of `layer` (a vLLM ``RoutedExperts``) at weight-loading time."""
     from vllm.config import get_current_vllm_config
@@ -48,6 +67,7 @@ def attach_stats(layer: torch.nn.Module, moe_config) -> LayerProfile:
 
     check_parallel(moe_config)
     config = get_current_vllm_config()
+    check_engine(config)
     device = layer.w13_weight.device
     refs = _tokens.create(
         max_num_tokens=config.scheduler_config.max_num_batched_tokens,
