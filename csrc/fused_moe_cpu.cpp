@@ -63,10 +63,11 @@ inline void load16(const c10::Half* p, __m256& lo, __m256& hi) {
   hi = _mm256_cvtph_ps(_mm256_extracti128_si256(raw, 1));
 }
 
-// c[MR][16] = a[MR rows, stride lda][0:K] x b[K][16] (fp32 accumulation). Few rows leave FMA
-// latency exposed, so U partial sums over interleaved k keep ~12 FMA chains in flight.
+// c[MR][16] = a x b[K][16] with a a block of MR rows packed k-major (row m, k at a[k * MR + m]),
+// fp32 accumulation. Few rows leave FMA latency exposed, so U partial sums over interleaved k
+// keep ~12 FMA chains in flight.
 template <int MR, typename W>
-inline void micro_kernel(const float* a, int64_t lda, const W* b, int64_t K, float* c) {
+inline void micro_kernel(const float* a, const W* b, int64_t K, float* c) {
   constexpr int U = MR >= 4 ? 1 : 6 / MR;
   __m256 acc[U][MR][2];
   for (int u = 0; u < U; ++u)
@@ -77,7 +78,7 @@ inline void micro_kernel(const float* a, int64_t lda, const W* b, int64_t K, flo
       __m256 b0, b1;
       load16(b + (k + u) * kNR, b0, b1);
       for (int m = 0; m < MR; ++m) {
-        const __m256 av = _mm256_broadcast_ss(a + m * lda + k + u);
+        const __m256 av = _mm256_broadcast_ss(a + (k + u) * MR + m);
         acc[u][m][0] = _mm256_fmadd_ps(av, b0, acc[u][m][0]);
         acc[u][m][1] = _mm256_fmadd_ps(av, b1, acc[u][m][1]);
       }
@@ -87,7 +88,7 @@ inline void micro_kernel(const float* a, int64_t lda, const W* b, int64_t K, flo
     __m256 b0, b1;
     load16(b + k * kNR, b0, b1);
     for (int m = 0; m < MR; ++m) {
-      const __m256 av = _mm256_broadcast_ss(a + m * lda + k);
+      const __m256 av = _mm256_broadcast_ss(a + k * MR + m);
       acc[0][m][0] = _mm256_fmadd_ps(av, b0, acc[0][m][0]);
       acc[0][m][1] = _mm256_fmadd_ps(av, b1, acc[0][m][1]);
     }
@@ -104,11 +105,11 @@ inline void micro_kernel(const float* a, int64_t lda, const W* b, int64_t K, flo
 }
 #else
 template <int MR, typename W>
-inline void micro_kernel(const float* a, int64_t lda, const W* b, int64_t K, float* c) {
+inline void micro_kernel(const float* a, const W* b, int64_t K, float* c) {
   float acc[MR][kNR] = {};
   for (int64_t k = 0; k < K; ++k)
     for (int m = 0; m < MR; ++m) {
-      const float av = a[m * lda + k];
+      const float av = a[k * MR + m];
       for (int n = 0; n < kNR; ++n) acc[m][n] += av * to_float(b[k * kNR + n]);
     }
   for (int m = 0; m < MR; ++m)
@@ -116,19 +117,26 @@ inline void micro_kernel(const float* a, int64_t lda, const W* b, int64_t K, flo
 }
 #endif
 
-// c[rows][16] for any row count, kMR rows at a time.
+// Rows of one expert are packed in blocks of kMR (the last block holds the rest): row r of
+// the expert, k at a[(r / kMR) * kMR * K + k * mr + r % kMR], mr the rows of its block.
+inline int64_t packed_index(int64_t r, int64_t rows, int64_t k, int64_t K) {
+  const int64_t block = r / kMR * kMR;
+  return block * K + k * std::min<int64_t>(kMR, rows - block) + (r - block);
+}
+
+// c[rows][16] = (packed rows of one expert) x b[K][16].
 template <typename W>
-void panel_gemm(const float* a, int64_t lda, int64_t rows, const W* b, int64_t K, float* c) {
+void panel_gemm(const float* a, int64_t rows, const W* b, int64_t K, float* c) {
   int64_t r = 0;
-  for (; r + kMR <= rows; r += kMR) micro_kernel<kMR, W>(a + r * lda, lda, b, K, c + r * kNR);
-  const float* ar = a + r * lda;
+  for (; r + kMR <= rows; r += kMR) micro_kernel<kMR, W>(a + r * K, b, K, c + r * kNR);
+  const float* ar = a + r * K;
   float* cr = c + r * kNR;
   switch (rows - r) {
-    case 5: micro_kernel<5, W>(ar, lda, b, K, cr); break;
-    case 4: micro_kernel<4, W>(ar, lda, b, K, cr); break;
-    case 3: micro_kernel<3, W>(ar, lda, b, K, cr); break;
-    case 2: micro_kernel<2, W>(ar, lda, b, K, cr); break;
-    case 1: micro_kernel<1, W>(ar, lda, b, K, cr); break;
+    case 5: micro_kernel<5, W>(ar, b, K, cr); break;
+    case 4: micro_kernel<4, W>(ar, b, K, cr); break;
+    case 3: micro_kernel<3, W>(ar, b, K, cr); break;
+    case 2: micro_kernel<2, W>(ar, b, K, cr); break;
+    case 1: micro_kernel<1, W>(ar, b, K, cr); break;
     default: break;
   }
 }
@@ -190,14 +198,17 @@ std::vector<at::Tensor> fused_moe_impl(const at::Tensor& x, const at::Tensor& w1
   for (int64_t s = 0; s < M * k; ++s)
     if (id[s] >= 0) slot_of[fill[id[s]]++] = s;
 
-  // Gathered inputs in fp32, then the activation of each row (rounded to T).
-  // Uninitialized fp32 scratch: every element read is written first.
+  // Gathered inputs in fp32, then the activation of each row (rounded to T), both packed per
+  // expert (packed_index). Uninitialized scratch: every element read is written first.
   std::unique_ptr<float[]> a1(new float[S * H]), a2(new float[S * I]), yw(new float[M * k * H]);
-  at::parallel_for(0, S, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* src = xp + (slot_of[r] / k) * H;
-      float* dst = a1.get() + r * H;
-      for (int64_t h = 0; h < H; ++h) dst[h] = to_float(src[h]);
+  at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t rows = start[e + 1] - start[e];
+      float* dst = a1.get() + start[e] * H;
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* src = xp + (slot_of[start[e] + r] / k) * H;
+        for (int64_t h = 0; h < H; ++h) dst[packed_index(r, rows, h, H)] = to_float(src[h]);
+      }
     }
   });
 
@@ -221,14 +232,14 @@ std::vector<at::Tensor> fused_moe_impl(const at::Tensor& x, const at::Tensor& w1
     for (int64_t item = 0; item < E * P1; ++item) {
       const int64_t e = item / P1, p = item % P1, rows = start[e + 1] - start[e];
       if (rows == 0) continue;
-      panel_gemm<T>(a1.get() + start[e] * H, H, rows, b13 + (e * P1 + p) * H * kNR, H, tile.data());
+      panel_gemm<T>(a1.get() + start[e] * H, rows, b13 + (e * P1 + p) * H * kNR, H, tile.data());
       float in_max = 0.0f;
+      float* act_e = a2.get() + start[e] * I;
       for (int64_t r = 0; r < rows; ++r) {
-        float* dst = a2.get() + (start[e] + r) * I + p * 8;
         for (int c = 0; c < 8; ++c) {
           const float gate = round_to<T>(tile[r * kNR + c]), up = round_to<T>(tile[r * kNR + 8 + c]);
           const float v = round_to<T>(round_to<T>(activate(act, gate)) * up);
-          dst[c] = v;
+          act_e[packed_index(r, rows, p * 8 + c, I)] = v;
           in_max = std::isnan(v) || std::isnan(in_max) ? NAN : std::max(in_max, std::fabs(v));
         }
       }
@@ -238,7 +249,7 @@ std::vector<at::Tensor> fused_moe_impl(const at::Tensor& x, const at::Tensor& w1
     for (int64_t item = 0; item < E * P2; ++item) {
       const int64_t e = item / P2, q = item % P2, rows = start[e + 1] - start[e];
       if (rows == 0) continue;
-      panel_gemm<T>(a2.get() + start[e] * I, I, rows, b2 + (e * P2 + q) * I * kNR, I, tile.data());
+      panel_gemm<T>(a2.get() + start[e] * I, rows, b2 + (e * P2 + q) * I * kNR, I, tile.data());
       Peak peak;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t slot = slot_of[start[e] + r];

@@ -15,32 +15,19 @@ host sync, so it runs unchanged in eager mode, under torch.compile and inside CU
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-FIELDS = ("out_absmax", "out_token", "out_channel", "in_absmax", "rows")
+from ..collector import DownProjStats
+
+FIELDS = tuple(f.name for f in fields(DownProjStats))
 
 
 @dataclass
-class LayerStats:
-    out_absmax: torch.Tensor
-    out_token: torch.Tensor
-    out_channel: torch.Tensor
-    in_absmax: torch.Tensor
-    rows: torch.Tensor
-
-    @classmethod
-    def empty(cls, num_experts: int, device: torch.device | str) -> LayerStats:
-        stats = cls(
-            out_absmax=torch.empty(num_experts, dtype=torch.float32, device=device),
-            out_token=torch.empty(num_experts, dtype=torch.int64, device=device),
-            out_channel=torch.empty(num_experts, dtype=torch.int64, device=device),
-            in_absmax=torch.empty(num_experts, dtype=torch.float32, device=device),
-            rows=torch.empty(num_experts, dtype=torch.int64, device=device),
-        )
-        stats.reset()
-        return stats
+class LayerStats(DownProjStats):
+    """The toolkit's `DownProjStats` (same fields, same "nothing seen" values from
+    ``LayerStats.empty(num_experts, device)``), updated in place on the device."""
 
     def reset(self) -> None:
         """Back to "nothing seen", in place (the buffers' addresses never change)."""
@@ -49,9 +36,6 @@ class LayerStats:
         self.out_channel.fill_(-1)
         self.in_absmax.zero_()
         self.rows.zero_()
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in FIELDS}
 
     def record(self, out_absmax, out_argmax, in_absmax, rows, expert_ids) -> None:
         """Fold one call's per-expert stats (of the experts `expert_ids` ``[n]`` int64,
