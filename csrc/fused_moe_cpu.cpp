@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX2)
@@ -124,9 +125,15 @@ inline int64_t packed_index(int64_t r, int64_t rows, int64_t k, int64_t K) {
   return block * K + k * std::min<int64_t>(kMR, rows - block) + (r - block);
 }
 
-// c[rows][16] = (packed rows of one expert) x b[K][16].
+// c[rows][16] = (packed rows of one expert) x b[K][16]. With more than one block of rows, the
+// panel is widened to fp32 once (into `wide`, K * 16 floats) instead of in every block.
 template <typename W>
-void panel_gemm(const float* a, int64_t rows, const W* b, int64_t K, float* c) {
+void panel_gemm(const float* a, int64_t rows, const W* b, int64_t K, float* c, float* wide) {
+  if (!std::is_same<W, float>::value && rows > kMR) {
+    for (int64_t i = 0; i < K * kNR; ++i) wide[i] = to_float(b[i]);
+    panel_gemm<float>(a, rows, wide, K, c, nullptr);
+    return;
+  }
   int64_t r = 0;
   for (; r + kMR <= rows; r += kMR) micro_kernel<kMR, W>(a + r * K, b, K, c + r * kNR);
   const float* ar = a + r * K;
@@ -207,7 +214,9 @@ std::vector<at::Tensor> fused_moe_impl(const at::Tensor& x, const at::Tensor& w1
       float* dst = a1.get() + start[e] * H;
       for (int64_t r = 0; r < rows; ++r) {
         const T* src = xp + (slot_of[start[e] + r] / k) * H;
-        for (int64_t h = 0; h < H; ++h) dst[packed_index(r, rows, h, H)] = to_float(src[h]);
+        const int64_t block = r / kMR * kMR, mr = std::min<int64_t>(kMR, rows - block);
+        float* row = dst + block * H + (r - block);
+        for (int64_t h = 0; h < H; ++h) row[h * mr] = to_float(src[h]);
       }
     }
   });
@@ -227,12 +236,12 @@ std::vector<at::Tensor> fused_moe_impl(const at::Tensor& x, const at::Tensor& w1
 
 #pragma omp parallel
   {
-    std::vector<float> tile(max_rows * kNR);
+    std::vector<float> tile(max_rows * kNR), wide(std::max(H, I) * kNR);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < E * P1; ++item) {
       const int64_t e = item / P1, p = item % P1, rows = start[e + 1] - start[e];
       if (rows == 0) continue;
-      panel_gemm<T>(a1.get() + start[e] * H, rows, b13 + (e * P1 + p) * H * kNR, H, tile.data());
+      panel_gemm<T>(a1.get() + start[e] * H, rows, b13 + (e * P1 + p) * H * kNR, H, tile.data(), wide.data());
       float in_max = 0.0f;
       float* act_e = a2.get() + start[e] * I;
       for (int64_t r = 0; r < rows; ++r) {
@@ -249,7 +258,7 @@ std::vector<at::Tensor> fused_moe_impl(const at::Tensor& x, const at::Tensor& w1
     for (int64_t item = 0; item < E * P2; ++item) {
       const int64_t e = item / P2, q = item % P2, rows = start[e + 1] - start[e];
       if (rows == 0) continue;
-      panel_gemm<T>(a2.get() + start[e] * I, rows, b2 + (e * P2 + q) * I * kNR, I, tile.data());
+      panel_gemm<T>(a2.get() + start[e] * I, rows, b2 + (e * P2 + q) * I * kNR, I, tile.data(), wide.data());
       Peak peak;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t slot = slot_of[start[e] + r];
