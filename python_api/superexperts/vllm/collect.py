@@ -11,7 +11,9 @@ from .result_bridge import build_result
 def _rpc(llm, method: str, *args) -> list:
     try:
         return llm.collective_rpc(method, args=args)
-    except NotImplementedError as e:
+    except Exception as e:  # the engine process re-raises the worker's NotImplementedError as Exception
+        if "not implemented" not in str(e) or method not in str(e):
+            raise
         raise RuntimeError(
             f"superexperts.vllm: the engine's workers have no {method!r}: the plugin was not enabled when "
             "the LLM was created. Call superexperts.vllm.enable() before LLM(...) (or set SUPEREXPERTS_VLLM=1)."
