@@ -4,16 +4,12 @@ logic runs on CPU tensors here; the same test runs on CUDA (Triton kernel) when 
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vLLM is not installed (these tests run in the vLLM venv that .ci/run builds)"),
-]
+from vllm_env import requires_vllm
+
+pytestmark = requires_vllm
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 

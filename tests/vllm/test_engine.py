@@ -4,7 +4,6 @@ to plain vLLM; reset, accumulation, dumps; plain vLLM when the plugin is off."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,11 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vLLM is not installed (these tests run in the vLLM venv that .ci/run builds)"),
-]
+from vllm_env import requires_vllm
+
+pytestmark = requires_vllm
 
 HERE = Path(__file__).resolve().parent
 MODES = ("off", "eager", "compiled")

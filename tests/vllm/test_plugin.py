@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,11 +9,9 @@ import sys
 
 import pytest
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vLLM is not installed (these tests run in the vLLM venv that .ci/run builds)"),
-]
+from vllm_env import requires_vllm
+
+pytestmark = requires_vllm
 
 PROBE = """
 import json
