@@ -61,7 +61,10 @@ class Impl:
 
     target: str
     devices: tuple[str, ...] | None = None
-    options: tuple[str, ...] = ()
+    options: frozenset[str] | tuple[str, ...] = frozenset()
+
+    def __post_init__(self):
+        object.__setattr__(self, "options", frozenset(self.options))
 
 
 def triton_interpreter_on() -> bool:
@@ -104,7 +107,7 @@ class OpTable:
         """The backend that serves a call on `device_type` setting `options` away from their defaults."""
         forced = _overrides.get((self.op, device_type))
         if forced is not None:
-            missing = options - set(self.impls[forced].options)
+            missing = options - self.impls[forced].options
             if missing:
                 raise ValueError(
                     f"superexperts.{self.op}: backend {forced!r} (forced by set_backend/use_backend) does not "
@@ -112,13 +115,13 @@ class OpTable:
                 )
             return forced
         candidates = [b for b in _order(device_type) if self.runs_on(b, device_type)]
-        chosen = next((b for b in candidates if options <= set(self.impls[b].options)), "reference")
+        chosen = next((b for b in candidates if options <= self.impls[b].options), "reference")
         first = candidates[0] if candidates else "reference"
         if chosen != first and (self.op, device_type, first, options) not in _warned:
             _warned.add((self.op, device_type, first, options))
             warnings.warn(
                 f"superexperts.{self.op} on {device_type}: the {first} backend cannot express "
-                f"{_names(options - set(self.impls[first].options))}; such calls run on the {chosen} backend "
+                f"{_names(options - self.impls[first].options)}; such calls run on the {chosen} backend "
                 "(slower, same numbers)",
                 stacklevel=4,
             )
@@ -130,7 +133,7 @@ class OpTable:
         return self.resolve(self.choose(device_type, frozenset(used)))(*args, **used)
 
     def _honouring(self, options: frozenset[str]) -> str:
-        return ", ".join(b for b, impl in self.impls.items() if options <= set(impl.options))
+        return ", ".join(b for b, impl in self.impls.items() if options <= impl.options)
 
 
 def _names(options) -> str:

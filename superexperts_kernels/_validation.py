@@ -6,7 +6,7 @@ expected, so that bad input never turns into silently wrong statistics.
 
 Who checks what, once per call:
 
-- the public Python wrappers: `check_argument_types`, the Python type of each argument
+- the public Python wrappers: `ArgumentTypes.check`, the Python type of each argument
   against the op schema (the dispatcher would reject a wrong type with a message that
   does not name the op);
 - the op itself (its real implementation, and its fake while tracing): ranks, dtypes,
@@ -17,7 +17,7 @@ Who checks what, once per call:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -37,20 +37,24 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def check_argument_types(op: str, schema: torch._C.FunctionSchema, values: Mapping[str, object]) -> None:
-    """Check the Python type of each argument in `values` against the op's `schema`."""
-    for arg in schema.arguments:
-        if arg.name not in values:
-            continue
-        value, kind = values[arg.name], arg.type
-        optional = isinstance(kind, torch._C.OptionalType)
-        if optional:
-            if value is None:
+class ArgumentTypes:
+    """The Python types the arguments of an op must have, read once from its schema."""
+
+    def __init__(self, op: str, schema: torch._C.FunctionSchema):
+        self.op = op
+        self.args = []  # (name, accepted types, what they are called, None allowed)
+        for arg in schema.arguments:
+            kind, optional = arg.type, isinstance(arg.type, torch._C.OptionalType)
+            types, what = _SCHEMA_TYPES[str(kind.getElementType() if optional else kind)]
+            self.args.append((arg.name, types, what, optional))
+
+    def check(self, values: Sequence[object]) -> None:
+        """Check the Python type of each argument in `values` (all of them, in schema order)."""
+        for (name, types, what, optional), value in zip(self.args, values, strict=True):
+            if value is None and optional:
                 continue
-            kind = kind.getElementType()
-        types, what = _SCHEMA_TYPES[str(kind)]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise TypeError(f"{op}: `{arg.name}` must be {what}{' or None' if optional else ''}, got {type(value).__name__}")
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise TypeError(f"{self.op}: `{name}` must be {what}{' or None' if optional else ''}, got {type(value).__name__}")
 
 
 def check_tensor(

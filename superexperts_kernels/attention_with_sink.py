@@ -15,7 +15,7 @@ import torch
 
 from . import native
 from ._backend import Impl, OpTable
-from ._validation import FLOAT_DTYPES, check_argument_types, check_dim, check_same_dtype, check_tensor
+from ._validation import FLOAT_DTYPES, ArgumentTypes, check_dim, check_same_dtype, check_tensor
 
 OP = "attention_with_sink"
 _NAME = f"superexperts.{OP}"
@@ -126,7 +126,7 @@ def fake_outputs(
 if native.BUILT:
     torch.library.register_fake("superexperts::attention_with_sink_native")(fake_outputs)
 
-_SCHEMA = torch.ops.superexperts.attention_with_sink.default._schema
+_ARGUMENT_TYPES = ArgumentTypes(_NAME, torch.ops.superexperts.attention_with_sink.default._schema)
 
 
 def attention_with_sink(
@@ -179,10 +179,6 @@ def attention_with_sink(
     """
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
         scale = q.shape[-1] ** -0.5
-    args = dict(
-        q=q, k=k, v=v, scale=scale, causal=causal, num_sink_tokens=num_sink_tokens, sliding_window=sliding_window,
-        key_padding_mask=key_padding_mask, sink_logits=sink_logits, softcap=softcap, attn_mask=attn_mask,
-    )
-    check_argument_types(_NAME, _SCHEMA, args)
-    args["scale"] = float(scale)
-    return SinkAttention(*torch.ops.superexperts.attention_with_sink(**args))
+    args = (q, k, v, scale, causal, num_sink_tokens, sliding_window, key_padding_mask, sink_logits, softcap, attn_mask)
+    _ARGUMENT_TYPES.check(args)
+    return SinkAttention(*torch.ops.superexperts.attention_with_sink(q, k, v, float(scale), *args[4:]))

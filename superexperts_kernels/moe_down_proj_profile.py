@@ -17,7 +17,7 @@ from ._backend import Impl, OpTable
 from ._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
-    check_argument_types,
+    ArgumentTypes,
     check_dim,
     check_offsets_values,
     check_same_dtype,
@@ -124,7 +124,7 @@ def fake_outputs(
 if native.BUILT:
     torch.library.register_fake("superexperts::moe_down_proj_profile_native")(fake_outputs)
 
-_SCHEMA = torch.ops.superexperts.moe_down_proj_profile.default._schema
+_ARGUMENT_TYPES = ArgumentTypes(_NAME, torch.ops.superexperts.moe_down_proj_profile.default._schema)
 
 
 def moe_down_proj_profile(
@@ -169,9 +169,6 @@ def moe_down_proj_profile(
     Returns:
         `DownProjProfile`. The stats are exactly those of the values written to ``y``.
     """
-    args = dict(
-        x=x, w_down=w_down, offsets=offsets, bias=bias, row_token=row_token, w_transposed=w_transposed,
-        channel_stats=channel_stats, with_stats=with_stats, check_offsets=check_offsets,
-    )
-    check_argument_types(_NAME, _SCHEMA, args)
-    return DownProjProfile(*torch.ops.superexperts.moe_down_proj_profile(**args))
+    args = (x, w_down, offsets, bias, row_token, w_transposed, channel_stats, with_stats, check_offsets)
+    _ARGUMENT_TYPES.check(args)
+    return DownProjProfile(*torch.ops.superexperts.moe_down_proj_profile(*args))
