@@ -5,8 +5,8 @@ routed top-k at random, and the fastest is kept. The result is written to
 ``superexperts_kernels/_triton/configs/E=..,H=..,I=..,dtype=..,device_name=...json``
 (``{total rows: config}``), which `get_config` then uses on GPUs of the same name.
 
-    python bench/tune_down_proj.py --experts 128 --hidden 2048 --inter 768 --top-k 8      # Qwen3-30B-A3B
-    python bench/tune_down_proj.py --experts 256 --hidden 7168 --inter 2048 --top-k 8     # DeepSeek-V3/R1
+    python -m bench.tune_down_proj --experts 128 --hidden 2048 --inter 768 --top-k 8      # Qwen3-30B-A3B
+    python -m bench.tune_down_proj --experts 256 --hidden 7168 --inter 2048 --top-k 8     # DeepSeek-V3/R1
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import time_fn  # noqa: E402
-from bench_down_proj import routed_inputs  # noqa: E402
+from ._common import time_fn
+from .bench_down_proj import routed_inputs
 
 
 def candidates(dtype: torch.dtype) -> list[dict]:

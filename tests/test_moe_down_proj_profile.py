@@ -1,5 +1,6 @@
 """moe_down_proj_profile: every backend against the pure-torch reference."""
 
+import importlib
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from conftest import KERNEL_DEVICE, requires_triton
 
 import superexperts_kernels as sk
+from superexperts_kernels import native
 from superexperts_kernels.reference.down_proj import moe_down_proj_profile_reference
 
 OP = "moe_down_proj_profile"
@@ -57,6 +59,9 @@ def stats_of(y, x, offsets, hidden):
             channel[e] = a.amax(0)
         start = end
     return absmax, argmax, in_absmax, channel
+
+
+requires_native = pytest.mark.skipif(not native.BUILT, reason="native extension not built")
 
 
 def backend_params():
@@ -270,6 +275,44 @@ def test_nan_is_the_max_at_its_first_occurrence(backend):
     assert out.out_absmax[0].item() == 19.0 and out.out_absmax[1].isnan()
     assert out.out_argmax.tolist() == [[0, 19], [4, 0]]
     assert out.in_absmax[1].isnan() and out.channel_absmax[1].isnan().all()
+
+
+def all_backend_params():
+    return [*backend_params(), pytest.param("native", id="native", marks=requires_native)]
+
+
+@pytest.mark.parametrize("backend", all_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_without_stats_same_y_rows_counted_stats_empty(backend, dtype):
+    """with_stats=False: the same y; rows still counted; the other stats as for an expert without rows."""
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    x, w, offsets, bias = make_inputs([3, 0, 9, 1], 16, 24, 2, dtype, device, bias=True)
+    full = run(backend, device, x, w, offsets, bias, channel_stats=True)
+    bare = run(backend, device, x, w, offsets, bias, channel_stats=True, with_stats=False)
+    assert torch.equal(bare.y, full.y) and torch.equal(bare.rows, full.rows)
+    assert torch.all(bare.out_absmax == 0) and torch.all(bare.in_absmax == 0)
+    assert torch.all(bare.out_argmax == -1)
+    assert bare.channel_absmax.shape == full.channel_absmax.shape and torch.all(bare.channel_absmax == 0)
+
+
+def test_offsets_values_are_checked_unless_the_caller_opts_out(monkeypatch):
+    """Direct calls get the offsets error; with check_offsets=False the op reads no value of
+    `offsets` on the host (no device sync)."""
+    x, w, _, _ = make_inputs([2, 3], 8, 12, 1, torch.float32, "cpu")
+    bad = torch.tensor([4, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="`offsets` must be non-decreasing"):
+        sk.moe_down_proj_profile(x, w, bad)
+    with pytest.raises(ValueError, match="`offsets` must be non-decreasing"):
+        torch.ops.superexperts.moe_down_proj_profile(x, w, bad)
+
+    module = importlib.import_module("superexperts_kernels.moe_down_proj_profile")  # the package attribute is the function
+    reads = []
+    monkeypatch.setattr(module, "check_offsets_values", lambda *args: reads.append(args))
+    good = torch.tensor([2, 5], dtype=torch.int32)
+    sk.moe_down_proj_profile(x, w, good, check_offsets=False)
+    assert reads == []
+    sk.moe_down_proj_profile(x, w, good)
+    assert len(reads) == 1
 
 
 @requires_triton
