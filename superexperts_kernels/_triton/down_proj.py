@@ -309,8 +309,8 @@ _FALLBACK_16BIT = [
 ]
 _FALLBACK_FP32 = [
     [16, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}],
-    [64, {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}],
-    [None, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}],
+    [64, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}],
+    [None, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}],
 ]
 
 
@@ -385,6 +385,17 @@ def get_config(num_rows: int, num_experts: int, hidden: int, inter: int, dtype: 
 # CTAs of one config that fit an SM, learned from the first compiled launch (registers and
 # shared memory), so that the persistent grid fills the GPU exactly.
 _ctas_per_sm: dict[tuple, int] = {}
+# Register cap of the 16-bit stats kernel per config: what the same config needs without
+# stats, plus 16 (ptxas would otherwise spend registers freely where shared memory bounds
+# the occupancy anyway). fp32 (FMA loops, no tensor cores) is left uncapped.
+_stats_caps: dict[tuple, int] = {}
+STATS_EXTRA_REGISTERS = 16
+
+
+def stats_register_cap(registers_without_stats: int) -> int:
+    """``maxnreg`` for the kernel with (per-expert) statistics, from the same config's
+    registers without them."""
+    return min(255, registers_without_stats + STATS_EXTRA_REGISTERS)
 
 
 def _num_programs(x: torch.Tensor, cfg: dict, max_tiles: int, key: tuple) -> int:
@@ -419,7 +430,7 @@ def _launch(x, w_down, offsets, bias, y, key, in_bits, chan_bits, w_transposed, 
         stride_wn, stride_wk = w_down.stride(1), w_down.stride(2)
     bias_arg = bias if bias is not None else y
     upcast = x.device.type != "cuda"
-    compiled = _moe_down_proj_kernel[grid](
+    args = (
         x,
         w_down,
         bias_arg,
@@ -441,6 +452,8 @@ def _launch(x, w_down, offsets, bias, y, key, in_bits, chan_bits, w_transposed, 
         bias_arg.stride(1),
         y.stride(0),
         y.stride(1),
+    )
+    flags = dict(
         HAS_BIAS=bias is not None,
         WITH_STATS=with_stats,
         CHANNEL_STATS=channel_stats,
@@ -454,6 +467,13 @@ def _launch(x, w_down, offsets, bias, y, key, in_bits, chan_bits, w_transposed, 
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
+    if with_stats and not channel_stats and not upcast and x.dtype != torch.float32:
+        if occupancy_key not in _stats_caps:
+            plain = _moe_down_proj_kernel.warmup(*args, grid=grid, **{**flags, "WITH_STATS": False})
+            plain._init_handles()
+            _stats_caps[occupancy_key] = stats_register_cap(plain.n_regs)
+        flags["maxnreg"] = _stats_caps[occupancy_key]
+    compiled = _moe_down_proj_kernel[grid](*args, **flags)
     if not upcast:
         _learn_occupancy(compiled, occupancy_key, x.device)
 

@@ -9,7 +9,7 @@ constexpr 1.
 `analyze` reads the artifacts:
 
 - TTGIR: the shared-memory buffers of each pipelined operand (``ttg.local_alloc`` of a
-  ``memdesc<N x ...>``: ``N`` buffers); TMA descriptor use;
+  ``memdesc<N x ...>``: ``N`` buffers); 2-D int64 tensors (per-element 64-bit work);
 - ``ptxas -v`` (the same ptxas and flags Triton uses): registers, spill bytes;
 - ``cuobjdump`` on Triton's own cubin: registers and local memory as linked, and the SASS:
   tensor-core instructions (``HGMMA`` = wgmma, ``HMMA`` = mma.sync), fences
@@ -189,6 +189,7 @@ def analyze(compiled, arch: int) -> dict:
         "num_warps": num_warps,
         "ctas_per_sm": ctas_per_sm(linked["registers"], shared, num_warps, arch),
         "buffers": shared_buffers(ttgir),
+        "i64_tiles": sorted({t for t in re.findall(r"tensor<(\d+x\d+)xi64", ttgir) if "1" not in t.split("x")}),
         "wgmma": any(op.startswith("HGMMA") for op in ops),
         "mma_sync": any(op.startswith("HMMA") for op in ops),
         "cp_async": "cp.async.cg" in ptx or "cp.async.ca" in ptx,
