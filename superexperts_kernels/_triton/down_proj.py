@@ -44,20 +44,24 @@ _CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @triton.jit
-def _chunk_stats(y, row_mask, chan_ptr, col0, hidden, routed, CHANNEL_STATS: tl.constexpr, WIDTH: tl.constexpr):
+def _chunk_stats(y, row_mask, chan_ptr, col0, hidden, routed, CHANNEL_STATS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 WIDTH: tl.constexpr):
     """Max |y| bits per row of a column chunk of a tile; merges its column maxima."""
-    # Columns past H hold 0 (their w loads were masked), which never beats a value; rows
-    # past the expert can hold the bias, so they are zeroed.
-    bits = tl.where(row_mask[:, None], tl.abs(y.to(tl.float32)), 0.0).to(tl.int32, bitcast=True)
+    # Columns past H hold 0 (their w loads were masked), which never beats a value. Rows
+    # past the expert hold 0 too, or the bias: the caller drops their row maxima, and they
+    # are zeroed here only when they reach the column maxima.
+    bits = tl.abs(y.to(tl.float32)).to(tl.int32, bitcast=True)
     if CHANNEL_STATS:
+        if HAS_BIAS:
+            bits = tl.where(row_mask[:, None], bits, 0)
         cols = col0 + tl.arange(0, WIDTH)
         tl.atomic_max(chan_ptr + cols, tl.max(bits, 0), mask=cols < tl.where(routed, hidden, 0), sem="relaxed")
     return tl.max(bits, 1)
 
 
 @triton.jit
-def _tile_row_max(y, row_mask, chan_ptr, col0, hidden, routed, CHANNEL_STATS: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+def _tile_row_max(y, row_mask, chan_ptr, col0, hidden, routed, CHANNEL_STATS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Max |y| fp32 bits per row of a ``[BLOCK_M, BLOCK_N]`` tile; with `CHANNEL_STATS` also merges
     its column maxima into ``chan_ptr[col0:]``. A column reduction leaves one value per column
     and thread, so wide tiles go by column quarters, each one's registers freed before the
@@ -68,14 +72,14 @@ def _tile_row_max(y, row_mask, chan_ptr, col0, hidden, routed, CHANNEL_STATS: tl
         y_b0, y_b1 = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, 2, Q)), (0, 3, 1, 2)))
         y0, y2 = tl.split(y_b0)
         y1, y3 = tl.split(y_b1)
-        r0 = _chunk_stats(y0, row_mask, chan_ptr, col0, hidden, routed, CHANNEL_STATS, Q)
-        r1 = _chunk_stats(y1, row_mask, chan_ptr, col0 + Q, hidden, routed, CHANNEL_STATS, Q)
-        r2 = _chunk_stats(y2, row_mask, chan_ptr, col0 + 2 * Q, hidden, routed, CHANNEL_STATS, Q)
-        r3 = _chunk_stats(y3, row_mask, chan_ptr, col0 + 3 * Q, hidden, routed, CHANNEL_STATS, Q)
+        r0 = _chunk_stats(y0, row_mask, chan_ptr, col0, hidden, routed, CHANNEL_STATS, HAS_BIAS, Q)
+        r1 = _chunk_stats(y1, row_mask, chan_ptr, col0 + Q, hidden, routed, CHANNEL_STATS, HAS_BIAS, Q)
+        r2 = _chunk_stats(y2, row_mask, chan_ptr, col0 + 2 * Q, hidden, routed, CHANNEL_STATS, HAS_BIAS, Q)
+        r3 = _chunk_stats(y3, row_mask, chan_ptr, col0 + 3 * Q, hidden, routed, CHANNEL_STATS, HAS_BIAS, Q)
         row_bits = tl.maximum(tl.maximum(r0, r1), tl.maximum(r2, r3))
     else:
-        row_bits = _chunk_stats(y, row_mask, chan_ptr, col0, hidden, routed, CHANNEL_STATS, BLOCK_N)
-    return row_bits
+        row_bits = _chunk_stats(y, row_mask, chan_ptr, col0, hidden, routed, CHANNEL_STATS, HAS_BIAS, BLOCK_N)
+    return tl.where(row_mask, row_bits, 0)
 
 
 @triton.jit
@@ -233,7 +237,7 @@ def _moe_down_proj_kernel(
 
         if WITH_STATS:
             row_bits = _tile_row_max(y, row_mask, chan_bits_ptr + e.to(tl.int64) * hidden, pid_n * BLOCK_N, hidden,
-                                     routed, CHANNEL_STATS, BLOCK_M, BLOCK_N)
+                                     routed, CHANNEL_STATS, HAS_BIAS, BLOCK_M, BLOCK_N)
             tile_bits = tl.max(row_bits, 0)
             first_row = tl.min(tl.where(row_bits == tile_bits, tl.arange(0, BLOCK_M), BLOCK_M), 0)
             key = (tile_bits.to(tl.int64) << 32) | (4294967295 - (row_start + local_rows_0 + first_row).to(tl.int64))
