@@ -46,79 +46,6 @@ def _load_tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.co
 
 
 @triton.jit
-def _attend_block(
-    acc,
-    l_i,
-    m_i,
-    sink_acc,
-    q,
-    k_ptrs,
-    v_ptrs,
-    pad_ptr,
-    d_ok,
-    pos_q,
-    start_n,
-    seq_k,
-    num_sink,
-    window,
-    qk_scale,
-    softcap,
-    stride_kn,
-    stride_vn,
-    stride_pn,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    WITH_SINK: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """One key block of the online softmax. `MASKED` applies bounds, causal and window."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < seq_k
-    k = _load_tile(k_ptrs + tl.cast(start_n, tl.int64) * stride_kn, d_ok, n_ok, not EVEN_D, MASKED)
-    if UPCAST:
-        k = k.to(tl.float32)
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-    if HAS_SOFTCAP:
-        # qk_scale is scale / softcap here and softcap carries log2(e); tanh(t) = 2 sigmoid(2t) - 1.
-        s = softcap * (2.0 * tl.sigmoid(2.0 * s) - 1.0)
-    if HAS_PAD:
-        key_ok = tl.load(pad_ptr + offs_n * stride_pn, mask=n_ok, other=0) != 0
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-    if MASKED:
-        visible = n_ok[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= pos_q[:, None])
-        if HAS_WINDOW:
-            visible = visible & (pos_q[:, None] - offs_n[None, :] < window)
-        s = tl.where(visible, s, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen no visible key yet keeps m = -inf; subtract 0 there instead.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_tile(v_ptrs + tl.cast(start_n, tl.int64) * stride_vn, n_ok, d_ok, MASKED, not EVEN_D)
-    if UPCAST:
-        v = v.to(tl.float32)
-        p_v = p
-    else:
-        p_v = p.to(v.dtype)
-    acc = tl.dot(p_v, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    if WITH_SINK:
-        sink_acc = sink_acc * alpha
-        if start_n < num_sink:
-            sink_acc += tl.sum(tl.where(offs_n[None, :] < num_sink, p, 0.0), 1)
-    return acc, l_i, m_new, sink_acc
-
-
-@triton.jit
 def _attend_stage(
     acc, l_i, m_i, sink_acc, q, k_ptrs, v_ptrs, pad_ptr, d_ok, pos_q, lo, full_lo, full_hi, hi,
     seq_k, num_sink, window, qk_scale, softcap, stride_kn, stride_vn, stride_pn,
@@ -133,20 +60,55 @@ def _attend_stage(
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Key blocks of one stage: 0 = ``[lo, full_lo)`` and 2 = ``[full_hi, hi)``, masked;
-    1 = ``[full_lo, full_hi)``, seen entirely by every query of the tile."""
+    """Online-softmax steps over the key blocks of one stage: 0 = ``[lo, full_lo)`` and
+    2 = ``[full_hi, hi)`` with bounds, causal and window masks;
+    1 = ``[full_lo, full_hi)``, seen entirely by every query of the tile, unmasked."""
     if STAGE == 0:
         start, end = lo, full_lo
     elif STAGE == 1:
         start, end = full_lo, full_hi
     else:
         start, end = full_hi, hi
+    MASKED: tl.constexpr = STAGE != 1
     for start_n in range(start, end, BLOCK_N):
-        acc, l_i, m_i, sink_acc = _attend_block(
-            acc, l_i, m_i, sink_acc, q, k_ptrs, v_ptrs, pad_ptr, d_ok, pos_q, start_n,
-            seq_k, num_sink, window, qk_scale, softcap, stride_kn, stride_vn, stride_pn,
-            STAGE != 1, CAUSAL, HAS_WINDOW, HAS_PAD, HAS_SOFTCAP, WITH_SINK, EVEN_D, UPCAST, DOT_PRECISION, BLOCK_N,
-        )
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seq_k
+        k = _load_tile(k_ptrs + tl.cast(start_n, tl.int64) * stride_kn, d_ok, n_ok, not EVEN_D, MASKED)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_SOFTCAP:
+            # qk_scale is scale / softcap here and softcap carries log2(e); tanh(t) = 2 sigmoid(2t) - 1.
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s) - 1.0)
+        if HAS_PAD:
+            key_ok = tl.load(pad_ptr + offs_n * stride_pn, mask=n_ok, other=0) != 0
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+        if MASKED:
+            visible = n_ok[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= pos_q[:, None])
+            if HAS_WINDOW:
+                visible = visible & (pos_q[:, None] - offs_n[None, :] < window)
+            s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; subtract 0 there instead.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_ptrs + tl.cast(start_n, tl.int64) * stride_vn, n_ok, d_ok, MASKED, not EVEN_D)
+        if UPCAST:
+            v = v.to(tl.float32)
+            p_v = p
+        else:
+            p_v = p.to(v.dtype)
+        acc = tl.dot(p_v, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        if WITH_SINK:
+            sink_acc = sink_acc * alpha
+            if start_n < num_sink:
+                sink_acc += tl.sum(tl.where(offs_n[None, :] < num_sink, p, 0.0), 1)
+        m_i = m_new
     return acc, l_i, m_i, sink_acc
 
 

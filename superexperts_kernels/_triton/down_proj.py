@@ -85,7 +85,8 @@ def _tile_row_max(y, row_mask, chan_ptr, col0, hidden, routed, CHANNEL_STATS: tl
 @triton.jit
 def _segments(offsets_ptr, num_rows, num_experts, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
     """Row segments ``[start, end)`` per expert (entry ``num_experts``: the rows past the last
-    expert, written as zeros; later entries empty), clamped to ``[0, num_rows]``, and the cumulative count of ``BLOCK_M`` row tiles."""
+    expert, written as zeros; later entries empty), clamped to ``[0, num_rows]``, and the
+    cumulative count of ``BLOCK_M`` row tiles."""
     e = tl.arange(0, E_POW2)
     end = tl.load(offsets_ptr + e, mask=e < num_experts, other=0).to(tl.int32)
     end = tl.where(e < num_experts, tl.minimum(tl.maximum(end, 0), num_rows), num_rows)
@@ -93,64 +94,6 @@ def _segments(offsets_ptr, num_rows, num_experts, BLOCK_M: tl.constexpr, E_POW2:
     start = tl.where(e == 0, 0, tl.where(e <= num_experts, tl.minimum(tl.maximum(start, 0), num_rows), num_rows))
     tiles = (tl.maximum(end - start, 0) + BLOCK_M - 1) // BLOCK_M
     return e, start, end, tl.cumsum(tiles, 0), tiles
-
-
-@triton.jit
-def _segments(offsets_ptr, num_rows, num_experts, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
-    """Row segments ``[start, end)`` per expert (entry ``num_experts``: the rows past the last
-    expert, written as zeros; later entries empty), clamped to ``[0, num_rows]``, and the cumulative count of ``BLOCK_M`` row tiles."""
-    e = tl.arange(0, E_POW2)
-    end = tl.load(offsets_ptr + e, mask=e < num_experts, other=0).to(tl.int32)
-    end = tl.where(e < num_experts, tl.minimum(tl.maximum(end, 0), num_rows), num_rows)
-    start = tl.load(offsets_ptr + e - 1, mask=(e > 0) & (e <= num_experts), other=0).to(tl.int32)
-    start = tl.where(e == 0, 0, tl.where(e <= num_experts, tl.minimum(tl.maximum(start, 0), num_rows), num_rows))
-    tiles = (tl.maximum(end - start, 0) + BLOCK_M - 1) // BLOCK_M
-    return e, start, end, tl.cumsum(tiles, 0), tiles
-
-
-@triton.jit
-def _column_max(bits, chan_ptr, col0, hidden, routed, WIDTH: tl.constexpr):
-    cols = col0 + tl.arange(0, WIDTH)
-    tl.atomic_max(chan_ptr + cols, tl.max(bits, 0), mask=cols < tl.where(routed, hidden, 0), sem="relaxed")
-
-
-@triton.jit
-def _channel_stats(bits, chan_ptr, col0, hidden, routed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Merge the column maxima of a ``[BLOCK_M, BLOCK_N]`` tile of |y| bits into the expert's
-    channel maxima, in column quarters when BLOCK_N >= 128: a column reduction leaves one
-    value per column and thread, and a quarter at a time keeps that within the registers
-    the main loop needs."""
-    if BLOCK_N >= 128:
-        Q: tl.constexpr = BLOCK_N // 4
-        ba, bb = tl.split(tl.permute(tl.reshape(bits, (BLOCK_M, 2, 2, Q)), (0, 3, 1, 2)))
-        b0, b1 = tl.split(ba)
-        b2, b3 = tl.split(bb)
-        _column_max(b0, chan_ptr, col0, hidden, routed, Q)
-        _column_max(b1, chan_ptr, col0 + Q, hidden, routed, Q)
-        _column_max(b2, chan_ptr, col0 + 2 * Q, hidden, routed, Q)
-        _column_max(b3, chan_ptr, col0 + 3 * Q, hidden, routed, Q)
-    else:
-        _column_max(bits, chan_ptr, col0, hidden, routed, BLOCK_N)
-
-
-@triton.jit
-def _segments(offsets_ptr, num_rows, num_experts, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
-    """Row segments ``[start, end)`` per expert (entry ``num_experts``: the rows past the last
-    expert, written as zeros; later entries empty), clamped to ``[0, num_rows]``, and the cumulative count of ``BLOCK_M`` row tiles."""
-    e = tl.arange(0, E_POW2)
-    end = tl.load(offsets_ptr + e, mask=e < num_experts, other=0).to(tl.int32)
-    end = tl.where(e < num_experts, tl.minimum(tl.maximum(end, 0), num_rows), num_rows)
-    start = tl.load(offsets_ptr + e - 1, mask=(e > 0) & (e <= num_experts), other=0).to(tl.int32)
-    start = tl.where(e == 0, 0, tl.where(e <= num_experts, tl.minimum(tl.maximum(start, 0), num_rows), num_rows))
-    tiles = (tl.maximum(end - start, 0) + BLOCK_M - 1) // BLOCK_M
-    return e, start, end, tl.cumsum(tiles, 0), tiles
-
-
-@triton.jit
-def _first_max(a_bits, a_index, b_bits, b_index):
-    """Combine of (value bits, tile-local index) pairs: the larger value, the first index on ties."""
-    take_b = (b_bits > a_bits) | ((b_bits == a_bits) & (b_index < a_index))
-    return tl.where(take_b, b_bits, a_bits), tl.where(take_b, b_index, a_index)
 
 
 @triton.jit
