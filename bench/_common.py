@@ -7,13 +7,22 @@ import datetime as _dt
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def run_child(module: str, args: list[str], *, check: bool = False) -> subprocess.CompletedProcess:
+    """``python -m module args`` in a fresh process from the repository root (peak memory is
+    per process), its output captured."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, check=check)
 
 
 def machine() -> dict:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 import torch
 
-from _common import peak_rss_mb, print_table, sync
+from ._common import peak_rss_mb, print_table, run_child, sync
 
 VOCAB = 4096
 
@@ -71,15 +69,15 @@ def measure(method: str, run: Callable[[], list], args) -> dict:
     }
 
 
-def compare(script: str, variants: list[tuple[str, list[str]]], args, forward: list[str]) -> list[dict]:
-    """Run `script` once per ``(method, extra args)`` in a fresh process (the first is ours),
-    print the table, and return the rows with the speedup of ours and SE agreement."""
+def compare(module: str, variants: list[tuple[str, list[str]]], args, forward: list[str]) -> list[dict]:
+    """Run benchmark `module` once per ``(method, extra args)`` in a fresh process (the first
+    is ours), print the table, and return the rows with the speedup of ours and SE agreement."""
     rows = []
     for method, extra in variants:
-        cmd = [sys.executable, script, "--method", method, "--layers", str(args.layers), "--tokens", str(args.tokens),
+        cmd = ["--method", method, "--layers", str(args.layers), "--tokens", str(args.tokens),
                "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
                "--device", args.device, *forward, *extra]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = run_child(module, cmd, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     ours = rows[0]
     for r in rows:

@@ -16,24 +16,21 @@ Methods, all on the same routed rows and weights, in one run:
 
 Usage::
 
-    python bench/bench_down_proj.py                       # all shapes, defaults per device
-    python bench/bench_down_proj.py --shapes qwen3-30b-a3b --tokens 512 --dtype bfloat16
+    python -m bench.bench_down_proj                       # all shapes, defaults per device
+    python -m bench.bench_down_proj --shapes qwen3-30b-a3b --tokens 512 --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import peak_memory_mb, print_table, time_fn, write_json  # noqa: E402
+import superexperts_kernels as sk
+from superexperts_kernels import _backend
 
-import superexperts_kernels as sk  # noqa: E402
-from superexperts_kernels import _backend  # noqa: E402
+from ._common import peak_memory_mb, print_table, time_fn, write_json
 
 SHAPES = {
     # name: (experts, hidden H, moe intermediate I, top-k)

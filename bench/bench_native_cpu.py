@@ -21,8 +21,8 @@ the load average with the numbers.
 
 Usage::
 
-    python bench/bench_native_cpu.py                         # everything (about 5 minutes on 2 cores)
-    python bench/bench_native_cpu.py --tokens 512 --seq-lens 2048 --dtypes bfloat16
+    python -m bench.bench_native_cpu                         # everything (about 5 minutes on 2 cores)
+    python -m bench.bench_native_cpu --tokens 512 --seq-lens 2048 --dtypes bfloat16
 """
 
 from __future__ import annotations
@@ -30,20 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import peak_rss_mb, print_table, time_fn, write_json  # noqa: E402
-from bench_down_proj import SHAPES, routed_inputs  # noqa: E402
+import superexperts_kernels as sk
+from superexperts_kernels import native
 
-import superexperts_kernels as sk  # noqa: E402
-from superexperts_kernels import native  # noqa: E402
+from ._common import peak_rss_mb, print_table, run_child, time_fn, write_json
+from .bench_down_proj import SHAPES, routed_inputs
 
 DOWN_PROJ, ATTENTION = "moe_down_proj_profile", "attention_with_sink"
 NUM_EXPERTS, HIDDEN, INTER, TOP_K = SHAPES["qwen3-30b-a3b"]
@@ -66,8 +63,9 @@ def down_proj_fns(tokens: int, dtype: torch.dtype) -> dict:
 
     return {
         "native": public("native"),
-        "native_nostats": lambda: native.moe_down_proj_profile_native(x, w, offsets, None, None, False, False,
-                                                                      with_stats=False),
+        "native_nostats": lambda: torch.ops.superexperts.moe_down_proj_profile_native(
+            x, w, offsets, None, None, False, False, with_stats=False
+        ),
         "reference": public("reference"),
     }
 
@@ -116,7 +114,7 @@ def child(spec: dict) -> None:
 
 
 def measure(spec: dict) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    res = run_child(__spec__.name, ["--child", json.dumps(spec)])
     if res.returncode != 0:
         raise RuntimeError(f"{spec} failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

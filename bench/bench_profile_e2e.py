@@ -16,23 +16,20 @@ heads of 128) with fewer layers, random bf16 weights, and two planted Super Expe
 Each method runs in a fresh subprocess so its peak memory (CUDA max allocated, or the
 process's max RSS on CPU) is its own. Prints a table, writes JSON.
 
-    python bench/bench_profile_e2e.py --layers 2 --tokens 512          # CPU-sized
-    python bench/bench_profile_e2e.py --layers 8 --tokens 8192         # GPU
+    python -m bench.bench_profile_e2e --layers 2 --tokens 512          # CPU-sized
+    python -m bench.bench_profile_e2e --layers 8 --tokens 8192         # GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_json  # noqa: E402
-from _compare import add_args, calibration_ids, compare, measure, resolve  # noqa: E402
+from ._common import write_json
+from ._compare import add_args, calibration_ids, compare, measure, resolve
 
 PLANTED = [(0, 68), (1, 92)]
 
@@ -146,7 +143,7 @@ def main(argv=None):
     if args.method:  # child process
         print(json.dumps(child(args)))
         return
-    rows = compare(__file__, [("ours", []), ("authors", []), ("authors", ["--authors-row0"])], args, [])
+    rows = compare(__spec__.name, [("ours", []), ("authors", []), ("authors", ["--authors-row0"])], args, [])
     write_json(
         "profile_e2e",
         {"layers": args.layers, "tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,

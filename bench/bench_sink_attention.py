@@ -17,26 +17,22 @@ RSS over the inputs, each method in a fresh subprocess (``--no-memory`` skips it
 
 Usage::
 
-    python bench/bench_sink_attention.py                      # T = 2k, 8k, 32k on CUDA; 512..2048 on CPU
-    python bench/bench_sink_attention.py --seq-lens 1024 4096 --dtype float16
+    python -m bench.bench_sink_attention                      # T = 2k, 8k, 32k on CUDA; 512..2048 on CPU
+    python -m bench.bench_sink_attention --seq-lens 1024 4096 --dtype float16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import peak_memory_mb, peak_rss_mb, print_table, time_fn, write_json  # noqa: E402
+import superexperts_kernels as sk
+from superexperts_kernels import _backend
 
-import superexperts_kernels as sk  # noqa: E402
-from superexperts_kernels import _backend  # noqa: E402
+from ._common import peak_memory_mb, peak_rss_mb, print_table, run_child, time_fn, write_json
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 4, 128  # Qwen3-30B-A3B
 METHODS = ("ours", "ours_nosink", "sdpa", "eager")
@@ -109,8 +105,7 @@ def is_oom(e: BaseException) -> bool:
 
 def cpu_peak_rss_growth(method, seq, dtype, num_sink) -> float | str | None:
     """Run `method` once in a fresh process; its peak RSS growth over the inputs in MB."""
-    cmd = [sys.executable, __file__, "--child", method, str(seq), str(dtype).replace("torch.", ""), str(num_sink)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = run_child(__spec__.name, ["--child", method, str(seq), str(dtype).replace("torch.", ""), str(num_sink)])
     if res.returncode != 0:
         return "OOM" if "memory" in res.stderr.lower() or res.returncode == -9 else None
     return json.loads(res.stdout.strip().splitlines()[-1])["rss_growth_mb"]

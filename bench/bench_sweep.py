@@ -14,25 +14,23 @@ calibration tokens:
 Each method runs in a fresh subprocess (peak memory is per process: CUDA max allocated, or
 max RSS on CPU). Prints a table, writes JSON.
 
-    python bench/bench_sweep.py --layers 2 --tokens 512           # CPU-sized
-    python bench/bench_sweep.py --layers 8 --tokens 65536         # GPU
+    python -m bench.bench_sweep --layers 2 --tokens 512           # CPU-sized
+    python -m bench.bench_sweep --layers 8 --tokens 65536         # GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import sync, write_json  # noqa: E402
-from _compare import add_args, calibration_ids, compare, measure, resolve  # noqa: E402
-from bench_profile_e2e import PLANTED, HookedExperts, build_model  # noqa: E402
+from ._common import sync, write_json
+from ._compare import add_args, calibration_ids, compare, measure, resolve
+from .bench_profile_e2e import PLANTED, HookedExperts, build_model
 
 
 def write_checkpoint(path: Path, layers: int, dtype: torch.dtype) -> None:
@@ -104,7 +102,7 @@ def main(argv=None):
         args.model_dir = tmp.name
         write_checkpoint(Path(tmp.name), args.layers, getattr(torch, args.dtype))
     forward = ["--model-dir", args.model_dir, "--authors-sleep", str(args.authors_sleep)]
-    rows = compare(__file__, [("ours", []), ("authors", [])], args, forward)
+    rows = compare(__spec__.name, [("ours", []), ("authors", [])], args, forward)
     write_json(
         "sweep",
         {"layers": args.layers, "tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,

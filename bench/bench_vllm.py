@@ -13,7 +13,7 @@ over the median of `--reps` timed rounds after one warm-up round. Decode: `--dec
 sequences generating `--decode-tokens` tokens each; decode tokens/s from the difference
 with a one-token round over the same prompts. The ratio is plugin / plain.
 
-    python bench/bench_vllm.py                 # CPU defaults; writes bench/results/vllm_<device>.json
+    python -m bench.bench_vllm                 # CPU defaults; writes bench/results/vllm_<device>.json
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import print_table, write_json  # noqa: E402
+from ._common import print_table, write_json
 
 SHAPE = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
              num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144)
@@ -128,7 +127,7 @@ def main() -> None:
             env.pop("SUPEREXPERTS_VLLM", None)
             if method == "plugin":
                 env["SUPEREXPERTS_VLLM"] = "1"
-            cmd = [sys.executable, __file__, "--method", method, "--model-dir", tmp] + [
+            cmd = [sys.executable, "-m", "bench.bench_vllm", "--method", method, "--model-dir", tmp] + [
                 a for a in sys.argv[1:] if a != "--out"]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -160,44 +160,41 @@ void attend_block(const Problem& pb, Workspace& ws, int64_t b, int64_t hk, int64
   }
 }
 
+// Mirrors `_validate` in superexperts_kernels/attention_with_sink.py (less the arguments this
+// kernel does not take), check for check.
 void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                           int64_t num_sink_tokens, std::optional<int64_t> sliding_window,
                           const std::optional<at::Tensor>& key_padding_mask,
                           const std::optional<at::Tensor>& sink_logits) {
-  check_float(kOp, "q", q, 4);
-  TORCH_CHECK_VALUE(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, kOp, ": `q` has head dim ", q.size(3),
-                    " (shape ", q.sizes(), "); it must be in 1..", kMaxHeadDim);
+  check_tensor(kOp, "q", q, 4, kFloatDtypes);
+  TORCH_CHECK_VALUE(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, kOp, ": `q` has head dim ", q.size(3), " (shape ",
+                    shape_str(q), "); it must be in 1..", kMaxHeadDim);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
-    check_float(kOp, name, t, 4);
-    check_like(kOp, name, t, "q", q);
-    check_size(kOp, name, t, 0, q.size(0), "the batch size q.shape[0]");
-    check_size(kOp, name, t, 3, q.size(3), "the head dim q.shape[3]");
+    check_tensor(kOp, name, t, 4, kFloatDtypes, &q);
+    check_same_dtype(kOp, name, t, "q", q);
+    check_dim(kOp, name, t, 0, q.size(0), "the batch size q.shape[0]");
+    check_dim(kOp, name, t, 3, q.size(3), "the head dim q.shape[3]");
   }
   const int64_t kv_heads = k.size(1);
   TORCH_CHECK_VALUE(kv_heads > 0 && q.size(1) % kv_heads == 0, kOp, ": `k` has ", kv_heads, " heads (shape ",
-                    k.sizes(), "), which must divide the ", q.size(1), " query heads of `q`");
-  TORCH_CHECK_VALUE(k.size(2) > 0, kOp, ": `k` holds no key (shape ", k.sizes(), "); attention needs at least one");
-  check_size(kOp, "v", v, 1, kv_heads, "the kv heads k.shape[1]");
-  check_size(kOp, "v", v, 2, k.size(2), "the keys k.shape[2]");
+                    shape_str(k), "), which must divide the ", q.size(1), " query heads of `q`");
+  TORCH_CHECK_VALUE(k.size(2) > 0, kOp, ": `k` holds no key (shape ", shape_str(k), "); attention needs at least one");
+  check_dim(kOp, "v", v, 1, kv_heads, "the kv heads k.shape[1]");
+  check_dim(kOp, "v", v, 2, k.size(2), "the keys k.shape[2]");
   TORCH_CHECK_VALUE(num_sink_tokens >= 1, kOp, ": `num_sink_tokens` must be >= 1, got ", num_sink_tokens);
   if (sliding_window) {
-    TORCH_CHECK_VALUE(*sliding_window >= 1, kOp, ": `sliding_window` must be >= 1, got ", *sliding_window);
+    TORCH_CHECK_VALUE(*sliding_window >= 1, kOp,
+                      ": `sliding_window` must be >= 1 (keys including the query's own), got ", *sliding_window);
     TORCH_CHECK_VALUE(causal, kOp, ": `sliding_window` is defined only together with causal=True");
   }
   if (key_padding_mask) {
-    check_rank(kOp, "key_padding_mask", *key_padding_mask, 2);
-    TORCH_CHECK_TYPE(key_padding_mask->scalar_type() == at::kBool, kOp, ": `key_padding_mask` must be bool, got ",
-                     key_padding_mask->scalar_type());
-    TORCH_CHECK_VALUE(key_padding_mask->device() == q.device(), kOp, ": `key_padding_mask` is on ",
-                      key_padding_mask->device(), " but `q` is on ", q.device());
-    check_size(kOp, "key_padding_mask", *key_padding_mask, 0, q.size(0), "the batch size q.shape[0]");
-    check_size(kOp, "key_padding_mask", *key_padding_mask, 1, k.size(2), "the keys k.shape[2]");
+    check_tensor(kOp, "key_padding_mask", *key_padding_mask, 2, kBoolDtypes, &q);
+    check_dim(kOp, "key_padding_mask", *key_padding_mask, 0, q.size(0), "the batch size q.shape[0]");
+    check_dim(kOp, "key_padding_mask", *key_padding_mask, 1, k.size(2), "the keys k.shape[2]");
   }
   if (sink_logits) {
-    check_float(kOp, "sink_logits", *sink_logits, 1);
-    TORCH_CHECK_VALUE(sink_logits->device() == q.device(), kOp, ": `sink_logits` is on ", sink_logits->device(),
-                      " but `q` is on ", q.device());
-    check_size(kOp, "sink_logits", *sink_logits, 0, q.size(1), "the query heads q.shape[1]");
+    check_tensor(kOp, "sink_logits", *sink_logits, 1, kFloatDtypes, &q);
+    check_dim(kOp, "sink_logits", *sink_logits, 0, q.size(1), "the query heads q.shape[1]");
   }
 }
 

@@ -5,7 +5,9 @@
 //
 // These are separate ops, not kernels for torch.ops.superexperts.moe_down_proj_profile /
 // attention_with_sink: those are Python custom ops that validate their arguments and pick a
-// backend; a C++ CPU kernel registered under their names would bypass both.
+// backend; a C++ CPU kernel registered under their names would bypass both. The public ops name
+// these in their backend tables, and register their fake implementations next to their own
+// (superexperts_kernels/moe_down_proj_profile.py, attention_with_sink.py).
 #include <Python.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>

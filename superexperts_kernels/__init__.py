@@ -7,14 +7,12 @@ Ops:
 - `attention_with_sink`: flash-attention forward that also returns, per query, the
   softmax probability mass on the sink keys, without building the T x T matrix.
 
-`backends()` tells which implementation serves each op on each device type;
+Each op module names its implementations (reference, triton, native) in one table,
+``IMPLEMENTATIONS``; `backends()` tells which one serves each op on each device type, and
 `set_backend` / `use_backend` override the choice. `superexperts_kernels.native.info()`
 says whether the native extension (csrc/) was built, and with CUDA.
 """
 
-import importlib
-
-from . import _backend
 from ._backend import backends, set_backend, use_backend
 from .attention_with_sink import SinkAttention, attention_with_sink
 from .moe_down_proj_profile import DownProjProfile, moe_down_proj_profile
@@ -30,6 +28,3 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
-
-# The native extension loads when a backend is first chosen: importing .native registers it.
-_backend.register_loader("native", lambda: importlib.import_module(f"{__name__}.native"))

@@ -1,9 +1,9 @@
 """``torch.ops.superexperts.moe_down_proj_profile``: grouped expert down_proj + per-expert stats.
 
 The op is a `torch.library.custom_op` with an explicit fake implementation, so
-`torch.compile(fullgraph=True)` and CUDA graphs trace through it; the real
-implementation validates its inputs and dispatches to the backend chosen by
-`superexperts_kernels._backend` (CUDA: Triton; CPU: native or the torch reference).
+`torch.compile(fullgraph=True)` and CUDA graphs trace through it. Its real implementation
+checks the arguments and calls the implementation that `IMPLEMENTATIONS` (below) picks
+for the device (`superexperts_kernels._backend`).
 """
 
 from __future__ import annotations
@@ -12,19 +12,28 @@ from typing import NamedTuple
 
 import torch
 
-from . import _backend
+from . import native
+from ._backend import Impl, OpTable
 from ._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    ArgumentTypes,
     check_dim,
     check_offsets_values,
     check_same_dtype,
     check_tensor,
 )
-from .reference.down_proj import moe_down_proj_profile_reference
 
 OP = "moe_down_proj_profile"
 _NAME = f"superexperts.{OP}"
+
+IMPLEMENTATIONS = OpTable(
+    OP,
+    defaults={"with_stats": True},
+    reference=Impl("superexperts_kernels.reference.down_proj:moe_down_proj_profile_reference", options=("with_stats",)),
+    triton=Impl("superexperts_kernels._triton.down_proj:moe_down_proj_profile_triton", options=("with_stats",)),
+    native=Impl("torch:ops.superexperts.moe_down_proj_profile_native", native.DEVICE_TYPES[OP], ("with_stats",)),
+)
 
 
 class DownProjProfile(NamedTuple):
@@ -68,8 +77,6 @@ def _validate(x, w_down, offsets, bias, row_token, w_transposed) -> int:
     if row_token is not None:
         check_tensor(_NAME, "row_token", row_token, ndim=1, dtypes=INDEX_DTYPES, device=dev)
         check_dim(_NAME, "row_token", row_token, 0, x.shape[0], "the number of rows x.shape[0]")
-    if not isinstance(w_transposed, bool):
-        raise TypeError(f"{_NAME}: `w_transposed` must be a bool, got {type(w_transposed).__name__}")
     return hidden_size
 
 
@@ -82,15 +89,25 @@ def _moe_down_proj_profile_op(
     row_token: torch.Tensor | None = None,
     w_transposed: bool = False,
     channel_stats: bool = False,
+    with_stats: bool = True,
+    check_offsets: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _validate(x, w_down, offsets, bias, row_token, w_transposed)
-    check_offsets_values(_NAME, offsets, x.shape[0])
-    impl = _backend.get_impl(OP, x.device.type)
-    return tuple(impl(x, w_down, offsets, bias, row_token, w_transposed, channel_stats))
+    if check_offsets:
+        check_offsets_values(_NAME, offsets, x.shape[0])
+    return tuple(
+        IMPLEMENTATIONS(
+            x.device.type, x, w_down, offsets, bias, row_token, w_transposed, channel_stats, with_stats=with_stats
+        )
+    )
 
 
-def fake_outputs(x, w_down, offsets, bias=None, row_token=None, w_transposed=False, channel_stats=False):
-    """Validated empty outputs of the right shapes (the fake implementation)."""
+@_moe_down_proj_profile_op.register_fake
+def fake_outputs(
+    x, w_down, offsets, bias=None, row_token=None, w_transposed=False, channel_stats=False, with_stats=True,
+    check_offsets=True,
+):
+    """Validated empty outputs of the right shapes; also the fake of the native op."""
     hidden = _validate(x, w_down, offsets, bias, row_token, w_transposed)
     num_experts = w_down.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -104,7 +121,10 @@ def fake_outputs(x, w_down, offsets, bias=None, row_token=None, w_transposed=Fal
     )
 
 
-_moe_down_proj_profile_op.register_fake(fake_outputs)
+if native.BUILT:
+    torch.library.register_fake("superexperts::moe_down_proj_profile_native")(fake_outputs)
+
+_ARGUMENT_TYPES = ArgumentTypes(_NAME, torch.ops.superexperts.moe_down_proj_profile.default._schema)
 
 
 def moe_down_proj_profile(
@@ -116,6 +136,8 @@ def moe_down_proj_profile(
     *,
     w_transposed: bool = False,
     channel_stats: bool = False,
+    with_stats: bool = True,
+    check_offsets: bool = True,
 ) -> DownProjProfile:
     """Grouped expert down projection ``y[r] = x[r] @ w_down[e(r)].T (+ bias[e(r)])`` with the
     per-expert statistics of the written ``y`` reduced in the same pass.
@@ -131,23 +153,22 @@ def moe_down_proj_profile(
             ``out_argmax[:, 0]`` instead of the row index.
         w_transposed: layout of `w_down`.
         channel_stats: also reduce max |y| per (expert, channel).
+        with_stats: False computes ``y`` only. The outputs keep their shapes: ``rows`` is
+            still counted, ``out_absmax``, ``in_absmax`` and ``channel_absmax`` are 0 and
+            ``out_argmax`` is -1, as for an expert without rows.
+        check_offsets: check the values of `offsets` (see below). Callers that build
+            `offsets` as a cumulative sum of row counts (the transformers integration does)
+            pass False and keep the call free of host syncs.
+
+    What is checked, and when: the Python types of the arguments here; the ranks, dtypes,
+    devices and sizes on every call of the op (no device access); the values of `offsets`
+    (non-negative, non-decreasing, ``offsets[-1] <= S``) with `check_offsets`, by one read
+    on the host (a device sync on CUDA), skipped while tracing or capturing a CUDA graph.
+    Every failed check raises `TypeError`/`ValueError` naming the argument.
 
     Returns:
         `DownProjProfile`. The stats are exactly those of the values written to ``y``.
     """
-    _validate(x, w_down, offsets, bias, row_token, w_transposed)
-    return DownProjProfile(
-        *torch.ops.superexperts.moe_down_proj_profile(
-            x, w_down, offsets, bias, row_token, w_transposed, channel_stats
-        )
-    )
-
-
-def _load_triton() -> None:
-    from ._triton.down_proj import moe_down_proj_profile_triton
-
-    _backend.register_impl(OP, "triton", moe_down_proj_profile_triton)
-
-
-_backend.register_impl(OP, "reference", moe_down_proj_profile_reference)
-_backend.register_loader("triton", _load_triton)
+    args = (x, w_down, offsets, bias, row_token, w_transposed, channel_stats, with_stats, check_offsets)
+    _ARGUMENT_TYPES.check(args)
+    return DownProjProfile(*torch.ops.superexperts.moe_down_proj_profile(*args))

@@ -1,5 +1,6 @@
 """attn_implementation="superexperts_sink" on real transformers models against sdpa / eager."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -10,6 +11,8 @@ from tiny_models import build_model
 import superexperts
 from superexperts import attention as sink_attention
 from superexperts.collector import StatsCollector, collecting
+from superexperts_kernels import _backend
+from superexperts_kernels.attention_with_sink import IMPLEMENTATIONS as SINK_OP
 
 
 def llama(seed=0):
@@ -63,16 +66,43 @@ def test_padding_uses_key_padding_mask(saved, side):
         assert any("left padding" in m for m in messages)
 
 
-def test_packed_sequences_fall_back_to_reference_with_warning(saved):
+def test_packed_sequences_fall_back_to_reference_with_warning(saved, monkeypatch):
+    """A pattern the fused kernels cannot express reaches the op as a 4-D mask; the op runs it
+    on a backend that honours it (with a warning when that is not the device's default)."""
     ids = torch.randint(0, 64, (1, 16))
     position_ids = torch.cat([torch.arange(7), torch.arange(9)])[None]
     model = load(saved, "superexperts_sink")
-    sink_attention._warned.clear()
-    with torch.no_grad(), pytest.warns(UserWarning, match="cannot express"):
+    monkeypatch.setattr(_backend, "_warned", set())
+    default = SINK_OP.impls[SINK_OP.choose("cpu")]
+    expected = contextlib.nullcontext() if "attn_mask" in default.options else pytest.warns(UserWarning, match="cannot express")
+    with torch.no_grad(), expected:
         ours = model(ids, position_ids=position_ids, use_cache=False).logits
     with torch.no_grad():
         ref = load(saved, "sdpa")(ids, position_ids=position_ids, use_cache=False).logits
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:superexperts.attention_with_sink on cpu")
+def test_softcap_and_sliding_window_equal_eager(tmp_path):
+    """Gemma 2: score soft-capping (through the op's `softcap`) and alternating sliding-window layers."""
+    superexperts.register()
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                                    sliding_window=6, attn_logit_softcapping=1.0, query_pre_attn_scalar=8)
+    model = transformers.Gemma2ForCausalLM(cfg)
+    with torch.no_grad():  # scores of a few units, where the cap bends them
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (2, 13))
+    stats = StatsCollector()
+    with torch.no_grad():
+        with collecting(stats):
+            ours = load(tmp_path, "superexperts_sink")(ids).logits
+        ref = load(tmp_path, "eager")(ids).logits
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert sorted(stats.sink) == [0, 1]
 
 
 def test_dropout_is_refused(tmp_path):

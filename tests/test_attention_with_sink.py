@@ -321,34 +321,32 @@ def test_reference_chunks_queries():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_reference_attn_mask_and_softcap():
-    """`attn_mask` (bool or additive float) is ANDed with the other masks; softcap before masking."""
+@pytest.mark.filterwarnings("ignore:superexperts.attention_with_sink on cpu")
+def test_attn_mask_and_softcap():
+    """`attn_mask` (broadcast over size-1 dims) is ANDed with the other masks; softcap caps the
+    scores before masking. Through the public op, which routes them to a backend that honours them."""
     case = Case("extras", 2, (4, 2), 17, 23, 16, torch.float32, num_sink=2, padding="random", sink_logits=True)
     q, k, v, mask, logits = make_inputs(case, "cpu")
     t, tk = 17, 23
     causal = torch.ones(t, tk, dtype=torch.bool).tril(diagonal=tk - t)
-    base = attention_with_sink_reference(q, k, v, 0.25, True, 2, None, mask, logits)
+    common = dict(num_sink_tokens=2, key_padding_mask=mask, sink_logits=logits)
+    base = sk.attention_with_sink(q, k, v, 0.25, causal=True, **common)
+    alone = sk.attention_with_sink(q, k, v, 0.25, causal=False, attn_mask=causal[None, None], **common)
+    both = sk.attention_with_sink(q, k, v, 0.25, causal=True, attn_mask=causal.expand(2, 1, t, tk), **common)
+    for got in (alone, both):
+        torch.testing.assert_close(got.o, base.o)
+        torch.testing.assert_close(got.sink_mass, base.sink_mass)
 
-    as_bool = attention_with_sink_reference(q, k, v, 0.25, False, 2, None, mask, logits, attn_mask=causal[None, None])
-    additive = torch.zeros(1, 1, t, tk).masked_fill(~causal, torch.finfo(torch.float32).min)
-    as_float = attention_with_sink_reference(q, k, v, 0.25, False, 2, None, mask, logits, attn_mask=additive)
-    both = attention_with_sink_reference(q, k, v, 0.25, True, 2, None, mask, logits, attn_mask=causal.expand(2, 4, t, tk))
-    for got in (as_bool, as_float, both):
-        torch.testing.assert_close(got[0], base[0])
-        torch.testing.assert_close(got[1], base[1])
-
-    # An additive bias that is not a mask shifts the scores.
-    bias = torch.randn(2, 4, t, tk)
-    got = attention_with_sink_reference(q, k, v, 0.25, True, 2, None, mask, logits, attn_mask=bias, softcap=3.0)
+    pattern = torch.rand(2, 4, t, tk, generator=torch.Generator().manual_seed(1)) < 0.7
+    got = sk.attention_with_sink(q, k, v, 0.25, causal=True, softcap=3.0, attn_mask=pattern, **common)
     kk = k.double().repeat_interleave(2, 1)
     vv = v.double().repeat_interleave(2, 1)
-    s = q.double() @ kk.transpose(-1, -2) * 0.25
-    s = 3.0 * torch.tanh(s / 3.0) + bias.double()
-    visible = causal & mask[:, None, None, :]
+    s = 3.0 * torch.tanh(q.double() @ kk.transpose(-1, -2) * 0.25 / 3.0)
+    visible = causal & mask[:, None, None, :] & pattern
     s = torch.cat([s.masked_fill(~visible, float("-inf")), logits.double().view(1, 4, 1, 1).expand(2, 4, t, 1)], -1)
     p = torch.softmax(s, -1)[..., :-1]
-    torch.testing.assert_close(got[0].double(), p @ vv, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[1].double(), p[..., :2].sum(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.o.double(), p @ vv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.sink_mass.double(), p[..., :2].sum(-1), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -383,8 +381,14 @@ def _bad_cases():
         ("scale", TypeError, dict(scale="0.25")),
         ("scale", TypeError, dict(scale=torch.tensor(0.25))),
         ("causal", TypeError, dict(causal=1)),
+        ("softcap", ValueError, dict(softcap=0.0)),
+        ("softcap", TypeError, dict(softcap="3")),
+        ("attn_mask", TypeError, dict(attn_mask=torch.zeros(2, 1, 5, 7))),
+        ("attn_mask", ValueError, dict(attn_mask=torch.ones(2, 5, 7, dtype=torch.bool))),
+        ("attn_mask", ValueError, dict(attn_mask=torch.ones(2, 3, 5, 7, dtype=torch.bool))),
+        ("attn_mask", ValueError, dict(attn_mask=torch.ones(1, 1, 5, 6, dtype=torch.bool))),
     ], dict(q=q, k=k, v=v, scale=0.25, causal=True, num_sink_tokens=1, sliding_window=None,
-            key_padding_mask=mask, sink_logits=logits)
+            key_padding_mask=mask, sink_logits=logits, softcap=None, attn_mask=None)
 
 
 @pytest.mark.parametrize("index", range(len(_bad_cases()[0])))
@@ -396,7 +400,7 @@ def test_bad_input_raises_naming_argument(index):
         sk.attention_with_sink(**kwargs)
 
 
-SCALARS = ("scale", "causal", "num_sink_tokens", "sliding_window")
+SCALARS = ("scale", "causal", "num_sink_tokens", "sliding_window", "softcap")
 
 
 def test_bad_input_through_torch_ops():

@@ -1,12 +1,13 @@
 """moe_down_proj_profile: every backend against the pure-torch reference."""
 
-import json
+import importlib
 
 import pytest
 import torch
 from conftest import KERNEL_DEVICE, requires_triton
 
 import superexperts_kernels as sk
+from superexperts_kernels import native
 from superexperts_kernels.reference.down_proj import moe_down_proj_profile_reference
 
 OP = "moe_down_proj_profile"
@@ -57,6 +58,9 @@ def stats_of(y, x, offsets, hidden):
             channel[e] = a.amax(0)
         start = end
     return absmax, argmax, in_absmax, channel
+
+
+requires_native = pytest.mark.skipif(not native.BUILT, reason="native extension not built")
 
 
 def backend_params():
@@ -137,26 +141,6 @@ def test_empty_input(backend):
     assert out.y.shape == (0, 8)
     assert torch.equal(out.out_argmax.cpu(), torch.full((3, 2), -1))
     assert torch.all(out.out_absmax == 0) and torch.all(out.rows == 0)
-
-
-@requires_triton
-def test_triton_row_chunks_merge_like_one_pass(monkeypatch):
-    """Calls too large for one packed key are split into row chunks; the merge is exact."""
-    from superexperts_kernels._triton import down_proj as tk
-
-    counts, hidden, inter = [5, 0, 23, 1, 9], 16, 24
-    x, w, offsets, _ = make_inputs(counts, hidden, inter, 4, torch.float32, KERNEL_DEVICE)
-    whole = run("triton", KERNEL_DEVICE, x, w, offsets, channel_stats=True)
-    monkeypatch.setattr(tk, "MAX_FLAT_INDEX", 7 * hidden + 3)  # 7-row chunks
-    chunked = run("triton", KERNEL_DEVICE, x, w, offsets, channel_stats=True)
-    # Tiles start at other rows, so y may differ in the last bit; the stats must be
-    # exactly those of the chunked y.
-    torch.testing.assert_close(chunked.y, whole.y, rtol=1e-5, atol=1e-5)
-    absmax, argmax, in_absmax, channel = stats_of(chunked.y, x, offsets, hidden)
-    assert torch.equal(chunked.out_absmax.cpu(), absmax)
-    assert torch.equal(chunked.out_argmax.cpu(), argmax)
-    assert torch.equal(chunked.in_absmax.cpu(), in_absmax)
-    assert torch.equal(chunked.channel_absmax.cpu(), channel)
 
 
 @requires_triton
@@ -272,19 +256,39 @@ def test_nan_is_the_max_at_its_first_occurrence(backend):
     assert out.in_absmax[1].isnan() and out.channel_absmax[1].isnan().all()
 
 
-@requires_triton
-def test_tuned_configs_are_data(tmp_path, monkeypatch):
-    """A tuned file for the GPU and shape wins (nearest row count); without one, the heuristic."""
-    from superexperts_kernels._triton import down_proj as tk
+def all_backend_params():
+    return [*backend_params(), pytest.param("native", id="native", marks=requires_native)]
 
-    monkeypatch.setattr(tk, "_CONFIG_DIR", tmp_path)
-    tk._load_config_file.cache_clear()
-    small = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-    large = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
-    name = tk.config_file_name(128, 2048, 768, torch.bfloat16, "NVIDIA H100 80GB HBM3")
-    (tmp_path / name).write_text(json.dumps({"8": small, "32768": large}))
-    assert tk.config_for_device("NVIDIA H100 80GB HBM3", 100, 128, 2048, 768, torch.bfloat16) == small
-    assert tk.config_for_device("NVIDIA H100 80GB HBM3", 20000, 128, 2048, 768, torch.bfloat16) == large
-    heuristic = tk.config_for_device("NVIDIA A100-SXM4-80GB", 20000, 128, 2048, 768, torch.bfloat16)
-    assert heuristic == tk._default_cuda_config(20000 / 128, torch.bfloat16)
-    tk._load_config_file.cache_clear()
+
+@pytest.mark.parametrize("backend", all_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_without_stats_same_y_rows_counted_stats_empty(backend, dtype):
+    """with_stats=False: the same y; rows still counted; the other stats as for an expert without rows."""
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    x, w, offsets, bias = make_inputs([3, 0, 9, 1], 16, 24, 2, dtype, device, bias=True)
+    full = run(backend, device, x, w, offsets, bias, channel_stats=True)
+    bare = run(backend, device, x, w, offsets, bias, channel_stats=True, with_stats=False)
+    assert torch.equal(bare.y, full.y) and torch.equal(bare.rows, full.rows)
+    assert torch.all(bare.out_absmax == 0) and torch.all(bare.in_absmax == 0)
+    assert torch.all(bare.out_argmax == -1)
+    assert bare.channel_absmax.shape == full.channel_absmax.shape and torch.all(bare.channel_absmax == 0)
+
+
+def test_offsets_values_are_checked_unless_the_caller_opts_out(monkeypatch):
+    """Direct calls get the offsets error; with check_offsets=False the op reads no value of
+    `offsets` on the host (no device sync)."""
+    x, w, _, _ = make_inputs([2, 3], 8, 12, 1, torch.float32, "cpu")
+    bad = torch.tensor([4, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="`offsets` must be non-decreasing"):
+        sk.moe_down_proj_profile(x, w, bad)
+    with pytest.raises(ValueError, match="`offsets` must be non-decreasing"):
+        torch.ops.superexperts.moe_down_proj_profile(x, w, bad)
+
+    module = importlib.import_module("superexperts_kernels.moe_down_proj_profile")  # the package attribute is the function
+    reads = []
+    monkeypatch.setattr(module, "check_offsets_values", lambda *args: reads.append(args))
+    good = torch.tensor([2, 5], dtype=torch.int32)
+    sk.moe_down_proj_profile(x, w, good, check_offsets=False)
+    assert reads == []
+    sk.moe_down_proj_profile(x, w, good)
+    assert len(reads) == 1

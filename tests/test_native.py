@@ -115,8 +115,8 @@ def test_down_proj_bias_transposed_row_token(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, **dtype_id)
 def test_down_proj_without_stats_writes_same_y(dtype):
     x, w, offsets, bias = dp_tests.make_inputs([3, 0, 70, 1], 150, 40, 1, dtype, "cpu", bias=True)
-    with_stats = native.moe_down_proj_profile_native(x, w, offsets, bias, None, False, True)
-    no_stats = native.moe_down_proj_profile_native(x, w, offsets, bias, None, False, True, with_stats=False)
+    with_stats = torch.ops.superexperts.moe_down_proj_profile_native(x, w, offsets, bias, None, False, True)
+    no_stats = torch.ops.superexperts.moe_down_proj_profile_native(x, w, offsets, bias, None, False, True, with_stats=False)
     assert torch.equal(with_stats[0], no_stats[0])
     assert torch.all(no_stats[1] == 0) and torch.all(no_stats[2] == -1) and torch.all(no_stats[5] == 0)
     assert torch.equal(no_stats[4], with_stats[4])
@@ -173,16 +173,31 @@ def test_down_proj_opcheck():
     torch.library.opcheck(op, (x, w, offsets))
 
 
-def test_down_proj_bad_input_to_the_native_op_names_the_argument():
+def same_error(native_call, python_call, native_name, python_name):
+    """Both calls raise the same exception type with the same message after the op name."""
+    with pytest.raises((TypeError, ValueError)) as native_error:
+        native_call()
+    with pytest.raises((TypeError, ValueError)) as python_error:
+        python_call()
+    assert native_error.type is python_error.type
+    assert str(native_error.value).replace(native_name, python_name) == str(python_error.value)
+
+
+def test_down_proj_native_op_checks_give_the_python_messages():
+    """The C++ guards of the native op (for direct calls) say what the public op says."""
     cases, good = dp_tests._bad_cases()
     checked = 0
-    for name, exc, override in cases:
+    for _, _, override in cases:
         kwargs = {**good, **override}
         if not all(isinstance(v, torch.Tensor) for v in kwargs.values()):
             continue  # the dispatcher itself rejects non-tensors
         args = (kwargs["x"], kwargs["w_down"], kwargs["offsets"], kwargs["bias"], kwargs.get("row_token"))
-        with pytest.raises(exc, match=f"`{name}`"):
-            torch.ops.superexperts.moe_down_proj_profile_native(*args)
+        same_error(
+            lambda: torch.ops.superexperts.moe_down_proj_profile_native(*args),
+            lambda: torch.ops.superexperts.moe_down_proj_profile(*args),
+            "superexperts::moe_down_proj_profile_native",
+            "superexperts.moe_down_proj_profile",
+        )
         checked += 1
     assert checked >= 15
 
@@ -201,7 +216,7 @@ def test_down_proj_public_op_validates_before_dispatch():
 def test_down_proj_cuda_matches_reference(case, dtype):
     _, counts, hidden, inter, tail = case
     x, w, offsets, _ = dp_tests.make_inputs(counts, hidden, inter, tail, dtype, "cuda")
-    out = native.moe_down_proj_profile_native(x, w, offsets, None, None, False, True)
+    out = torch.ops.superexperts.moe_down_proj_profile_native(x, w, offsets, None, None, False, True)
     ref = moe_down_proj_profile_reference(x.cpu(), w.cpu(), offsets.cpu(), None, None, False, True)
     check_dp(sk.DownProjProfile(*out), x.cpu(), offsets.cpu(), counts, tail, hidden, ref, dtype)
 
@@ -315,14 +330,22 @@ def test_attention_opcheck():
     torch.library.opcheck(op, (q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.25, False))
 
 
-def test_attention_bad_input_to_the_native_op_names_the_argument():
+def test_attention_native_op_checks_give_the_python_messages():
     cases, good = attn_tests._bad_cases()
+    native_args = [n for n in good if n not in ("softcap", "attn_mask")]  # the native op does not take them
     checked = 0
-    for name, exc, override in cases:
+    for _, exc, override in cases:
+        if any(n not in native_args for n in override):
+            continue
         if exc is TypeError and any(n in attn_tests.SCALARS or not isinstance(x, torch.Tensor) for n, x in override.items()):
             continue  # the dispatcher itself rejects arguments of the wrong Python type
-        with pytest.raises(exc, match=f"`{name}`"):
-            torch.ops.superexperts.attention_with_sink_native(*{**good, **override}.values())
+        args = [{**good, **override}[n] for n in native_args]
+        same_error(
+            lambda: torch.ops.superexperts.attention_with_sink_native(*args),
+            lambda: torch.ops.superexperts.attention_with_sink(*args),
+            "superexperts::attention_with_sink_native",
+            "superexperts.attention_with_sink",
+        )
         checked += 1
     assert checked >= 15
 

@@ -138,16 +138,36 @@ def test_stats_memory_does_not_grow_with_batches(saved):
     family, path = saved
     model = _load(path, OURS)
     from superexperts.collector import StatsCollector
-    from superexperts.profiler import our_implementations, run_batches
+    from superexperts.integration import our_implementations, run_batches
 
     sizes = []
     for n in (2, 6):
         stats = StatsCollector()
         with our_implementations(model):
             run_batches(model, tokens(n, 16), stats, batch_size=1, progress=False)
-        sizes.append(sum(t.numel() for table in (stats.routed, stats.shared, stats.dense, stats.hidden, stats.sink)
-                         for s in table.values() for t in s.tensors().values()))
+        sizes.append(sum(t.numel() for t in stats.flat_tensors().values()))
     assert sizes[0] == sizes[1]
+
+
+def test_experts_call_the_op_without_host_reads_and_gate_up_without_stats(saved, monkeypatch):
+    """Per MoE layer call: gate_up with with_stats=False, down_proj with stats; neither asks the
+    op to read `offsets` back (the integration builds them from counts)."""
+    from superexperts import experts
+
+    family, path = saved
+    calls = []
+    op = experts.moe_down_proj_profile
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs["with_stats"], kwargs["check_offsets"]))
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(experts, "moe_down_proj_profile", recording)
+    model = _load(path, OURS)
+    moe_layers = sum(p.is_moe for p in find_layers(model))
+    with torch.no_grad():
+        model(tokens(1, 9))
+    assert calls == [(False, False), (True, False)] * moe_layers
 
 
 def test_several_super_experts_in_a_large_pool(tmp_path):

@@ -17,7 +17,8 @@ from tiny_models import build_model, plant, tokens
 import superexperts
 from superexperts.checkpoint import CheckpointReader, dequantize_fp8_blocks
 from superexperts.result import ProfileResult
-from superexperts.streaming import ExpertShard, LayerLoader, StreamStats, build_skeleton, stream_profile
+from superexperts.distributed import ExpertShard
+from superexperts.streaming import LayerLoader, StreamStats, build_skeleton, stream_profile
 from superexperts.layers import find_layers
 
 OURS = dict(experts_implementation="superexperts", attn_implementation="superexperts_sink")

@@ -11,7 +11,8 @@ The user-facing toolkit on top of the ops in `superexperts_kernels`:
 """
 
 from .ablation import AblationResult, Evaluation, Pruning, ablate, evaluate, prune_experts, prune_super_experts, sink_decay
-from .profiler import profile, register
+from .integration import register
+from .profiler import profile
 from .report import write_report
 from .result import ProfileResult
 from .rules import Rule, SuperExpert, detect

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from .collector import StatsCollector
-from .layers import find_layers
-from .profiler import our_implementations, run_batches
+from .integration import our_implementations, run_batches
+from .layers import find_layers, tag
 from .rules import SuperExpert
 from .result import ProfileResult
 
@@ -89,13 +89,13 @@ class Pruning:
             module = parts[layer].experts
             mask = torch.zeros(module.num_experts, dtype=torch.bool, device=module.down_proj.device)
             mask[ids] = True
-            module._superexperts_pruned = mask
+            tag(module).pruned = mask
             self._masked.append(module)
         self._hooks = [down.register_forward_hook(_zero_output) for down in shared]
 
     def restore(self) -> None:
         for module in self._masked:
-            module._superexperts_pruned = None
+            tag(module).pruned = None
         for h in self._hooks:
             h.remove()
         self._masked, self._hooks = [], []
@@ -158,7 +158,7 @@ def evaluate(
     model.eval()
     with our_implementations(model):
         nll, count = run_batches(model, tokens, stats, batch_size=batch_size, with_loss=True, progress=progress, desc="eval")
-    sink = {layer: s.mass_sum.cpu() / max(int(s.count), 1) for layer, s in sorted(stats.sink.items())}
+    sink = {layer: s.mean().cpu() for layer, s in sorted(stats.sink.items())}
     return Evaluation(perplexity=math.exp(nll / count), nll=nll, tokens=count, sink_mass=sink)
 
 

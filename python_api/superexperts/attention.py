@@ -4,13 +4,14 @@ Attention runs on ``torch.ops.superexperts.attention_with_sink`` (flash-attentio
 O(T) memory) and the per-query probability mass on the first ``num_sink_tokens`` keys
 goes to the active collector, per layer and head.
 
-The mask function registered beside it returns what the op can express: ``None`` or a
-2-D key-padding mask ``[B, Tk]`` when the layer's pattern is causal, or causal with the
-layer's sliding window (checked by evaluating the model's mask function on probe rows).
-Any other pattern (packed sequences, chunked or bidirectional attention, custom mask
-functions, static-cache offsets) comes as the 4-D boolean mask transformers builds for
-sdpa, and runs on the chunked torch reference with a one-time warning: slower, never a
-silently wrong score.
+The mask function registered beside it returns what the fused kernels express: ``None``
+or a 2-D key-padding mask ``[B, Tk]`` when the layer's pattern is causal, or causal with
+the layer's sliding window (checked by evaluating the model's mask function on probe
+rows). Any other pattern (packed sequences, chunked or bidirectional attention, custom
+mask functions, static-cache offsets) comes as the 4-D boolean mask transformers builds
+for sdpa and goes to the op's ``attn_mask``, as a model's soft cap goes to its
+``softcap``: the op runs them on a backend that honours them (and warns once when that is
+slower than the device's default), never a silently wrong score.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask, sdpa_mask
 
 from superexperts_kernels import attention_with_sink
-from superexperts_kernels.reference.attention import attention_with_sink_reference
 
 from . import collector as _collector
+from .layers import tag_of
 
 NAME = "superexperts_sink"
 _warned: set[str] = set()
@@ -135,25 +136,15 @@ def superexperts_sink_attention(
 
     key_padding = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
     full_mask = attention_mask if attention_mask is not None and attention_mask.dim() != 2 else None
-    if full_mask is not None or softcap:
-        _warn_once(
-            "fallback",
-            f"{NAME}: a mask the fused kernel cannot express (or softcap) reached layer "
-            f"{getattr(module, 'layer_idx', '?')}; using the chunked torch reference (slower, same numbers)",
-        )
-        if full_mask is not None:  # it already holds the causal, window and padding pattern
-            causal, window = False, None
-        o, mass = attention_with_sink_reference(
-            query, key, value, scale, causal, num_sink, window, key_padding, sink_logits,
-            attn_mask=full_mask, softcap=softcap or None,
-        )
-    else:
-        o, mass = attention_with_sink(
-            query, key, value, scale, causal=causal, num_sink_tokens=num_sink, sliding_window=window,
-            key_padding_mask=key_padding, sink_logits=sink_logits,
-        )
+    if full_mask is not None:  # it already holds the causal, window and padding pattern
+        causal, window = False, None
+    o, mass = attention_with_sink(
+        query, key, value, scale, causal=causal, num_sink_tokens=num_sink, sliding_window=window,
+        key_padding_mask=key_padding, sink_logits=sink_logits, softcap=softcap or None, attn_mask=full_mask,
+    )
 
-    layer = getattr(module, "_superexperts_layer", getattr(module, "layer_idx", None))
+    tag = tag_of(module)
+    layer = tag.layer if tag is not None else getattr(module, "layer_idx", None)
     if stats is not None and layer is not None:
         query_valid = None
         if key_padding is not None:

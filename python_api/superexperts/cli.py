@@ -166,7 +166,7 @@ def cmd_prune_eval(args) -> int:
     from .ablation import ablate, parse_experts
     from .calibration import check_source
     from .loading import check_model_dir, load_model
-    from .report import _finite, can_plot
+    from .report import write_ablation
 
     experts = parse_experts(args.experts) if args.experts else _experts_from_report(args.super_experts)
     if not experts:
@@ -178,14 +178,8 @@ def cmd_prune_eval(args) -> int:
     ablation = ablate(model, experts, tokens, batch_size=args.batch_size, num_sink_tokens=args.num_sink_tokens)
     print_ablation(ablation)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ablation.json").write_text(json.dumps(_finite(ablation.to_dict()), indent=2))
-        if not args.no_plots and can_plot():
-            from .plots import plot_sink_decay
-
-            plot_sink_decay(ablation.sink_decay, ablation.base.sink_mass, ablation.pruned.sink_mass, out / "sink_decay.png")
-        print(f"wrote {out}")
+        write_ablation(ablation, args.out, plots=not args.no_plots)
+        print(f"wrote {args.out}")
     return 0
 
 

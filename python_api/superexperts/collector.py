@@ -4,6 +4,9 @@ Everything is a running maximum, sum or count kept on the model's device, so mem
 does not grow with the number of calibration batches and no host sync happens per
 batch. Locations are global token ids (``sample * seq_len + position``) and channels.
 
+Several ranks (`superexperts.distributed`) merge their statistics with each class's
+`merge_ranks`: collectives that give the numbers of one process.
+
 The collector that receives the numbers is found through `active()`: the profiler
 installs one with `collecting(...)`; the experts and attention implementations record
 into it when one is installed and run as plain inference otherwise.
@@ -13,12 +16,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
+import torch.distributed as dist
 
 ROUTED, SHARED, DENSE = "routed", "shared", "dense"
 KINDS = (ROUTED, SHARED, DENSE)
+
+# Merging ranks: (token, channel) packed as token * _CHANNEL_SPAN + channel; _NONE where a rank
+# does not hold the maximum.
+_CHANNEL_SPAN = 2**24
+_NONE = torch.iinfo(torch.int64).max
 
 
 def _better(new: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
@@ -26,8 +35,19 @@ def _better(new: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
     return (new > cur) | (new.isnan() & ~cur.isnan())
 
 
+class _Stats:
+    """Running statistics whose dataclass fields are all tensors, changed only by their methods."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to(self, device: torch.device | str):
+        """A copy on `device`."""
+        return type(self)(**{k: v.to(device) for k, v in self.tensors().items()})
+
+
 @dataclass
-class DownProjStats:
+class DownProjStats(_Stats):
     """Running down_proj statistics of `n` units (the experts of one layer, or one MLP).
 
     out_absmax ``[n]`` fp32: max |down_proj output| before any routing weight (-1 before
@@ -67,18 +87,23 @@ class DownProjStats:
         self.in_absmax = torch.maximum(self.in_absmax, in_absmax)
         self.rows = self.rows + rows
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "out_absmax": self.out_absmax,
-            "out_token": self.out_token,
-            "out_channel": self.out_channel,
-            "in_absmax": self.in_absmax,
-            "rows": self.rows,
-        }
+    def merge_ranks(self, group=None) -> None:
+        """Merge every rank's stats in place: maxima, the first (token, channel) among the
+        ranks that hold the maximum, summed rows."""
+        local_max = self.out_absmax.clone()
+        dist.all_reduce(self.out_absmax, op=dist.ReduceOp.MAX, group=group)
+        holds_max = (local_max == self.out_absmax) & (self.out_token >= 0)
+        packed = torch.where(holds_max, self.out_token * _CHANNEL_SPAN + self.out_channel, _NONE)
+        dist.all_reduce(packed, op=dist.ReduceOp.MIN, group=group)
+        found = packed != _NONE
+        self.out_token = torch.where(found, packed // _CHANNEL_SPAN, -1)
+        self.out_channel = torch.where(found, packed % _CHANNEL_SPAN, -1)
+        dist.all_reduce(self.in_absmax, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(self.rows, op=dist.ReduceOp.SUM, group=group)
 
 
 @dataclass
-class HiddenStats:
+class HiddenStats(_Stats):
     """Massive activations of one decoder layer's output hidden states.
 
     top_values ``[k]`` fp32 (descending), top_token / top_channel ``[k]`` int64: the k
@@ -103,29 +128,31 @@ class HiddenStats:
 
     def update(self, values: torch.Tensor, token: torch.Tensor, channel: torch.Tensor, abs_sum, count) -> None:
         """Merge candidate entries ``[m]`` into the running top-k (earlier entries win ties)."""
-        k = self.top_values.numel()
-        all_values = torch.cat([self.top_values, values])
-        all_token = torch.cat([self.top_token, token])
-        all_channel = torch.cat([self.top_channel, channel])
-        order = torch.sort(all_values, descending=True, stable=True).indices[:k]
-        self.top_values = all_values[order]
-        self.top_token = all_token[order]
-        self.top_channel = all_channel[order]
+        self._keep_top(torch.cat([self.top_values, values]), torch.cat([self.top_token, token]),
+                       torch.cat([self.top_channel, channel]))
         self.abs_sum = self.abs_sum + abs_sum
         self.count = self.count + count
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "top_values": self.top_values,
-            "top_token": self.top_token,
-            "top_channel": self.top_channel,
-            "abs_sum": self.abs_sum,
-            "count": self.count,
-        }
+    def _keep_top(self, values: torch.Tensor, token: torch.Tensor, channel: torch.Tensor) -> None:
+        order = torch.sort(values, descending=True, stable=True).indices[: self.top_values.numel()]
+        self.top_values, self.top_token, self.top_channel = values[order], token[order], channel[order]
+
+    def merge_ranks(self, group=None) -> None:
+        """Merge every rank's stats in place: the top-k of all ranks' entries (rank order is
+        token order, so ties keep the earliest), summed |h| and counts."""
+        world = dist.get_world_size(group)
+        gathered = []
+        for t in (self.top_values, self.top_token, self.top_channel):
+            parts = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(parts, t, group=group)
+            gathered.append(torch.cat(parts))
+        self._keep_top(*gathered)
+        for t in (self.abs_sum, self.count):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
 
 
 @dataclass
-class SinkStats:
+class SinkStats(_Stats):
     """Per-head sums of the per-query sink mass over queries t >= 1, and their count."""
 
     mass_sum: torch.Tensor  # [heads] fp64
@@ -138,13 +165,76 @@ class SinkStats:
             count=torch.zeros((), dtype=torch.int64, device=device),
         )
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"mass_sum": self.mass_sum, "count": self.count}
+    def add(self, mass_sum: torch.Tensor, count: torch.Tensor) -> None:
+        """Add per-head sums ``[heads]`` over `count` queries."""
+        self.mass_sum = self.mass_sum + mass_sum
+        self.count = self.count + count
+
+    def mean(self) -> torch.Tensor:
+        """Mean sink mass of each head ``[heads]`` fp64 (0 before any query)."""
+        return self.mass_sum / max(int(self.count), 1)
+
+    def merge_ranks(self, group=None) -> None:
+        """Sum every rank's stats in place."""
+        for t in (self.mass_sum, self.count):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
 
 
-@dataclass
-class StatsCollector:
-    """All running statistics of a profiling run, keyed by decoder layer index.
+def _table(stats_type: type) -> dict:
+    return field(default_factory=dict, metadata={"stats": stats_type})
+
+
+@dataclass(kw_only=True)
+class StatsTables:
+    """The statistics of a profiling run, one table per kind, keyed by decoder layer index:
+
+    - ``routed[l]``, ``shared[l]``, ``dense[l]``: `DownProjStats` of the layer's routed experts
+      ``[E]``, shared experts ``[n_shared]`` and dense MLPs ``[n_dense]``;
+    - ``hidden[l]``: `HiddenStats`, the largest |h| of the layer's output with token/channel;
+    - ``sink[l]``: `SinkStats`, per-head sums of the sink mass of queries t >= 1.
+
+    `StatsCollector` (running, on the model's device) and `ProfileResult` (on the CPU) hold them.
+    """
+
+    routed: dict[int, DownProjStats] = _table(DownProjStats)
+    shared: dict[int, DownProjStats] = _table(DownProjStats)
+    dense: dict[int, DownProjStats] = _table(DownProjStats)
+    hidden: dict[int, HiddenStats] = _table(HiddenStats)
+    sink: dict[int, SinkStats] = _table(SinkStats)
+
+    def tables_on(self, device: torch.device | str) -> dict[str, dict]:
+        """``{"routed": {3: DownProjStats, ...}, ...}``: copies on `device`, layers in order."""
+        return {name: {layer: s.to(device) for layer, s in sorted(getattr(self, name).items())} for name in TABLES}
+
+    def flat_tensors(self) -> dict[str, torch.Tensor]:
+        """``{"routed.3.out_absmax": tensor, ...}`` of every stat tensor, for safetensors."""
+        return {
+            f"{name}.{layer}.{key}": t.contiguous()
+            for name in TABLES
+            for layer, stats in getattr(self, name).items()
+            for key, t in stats.tensors().items()
+        }
+
+    @staticmethod
+    def tables_from_flat(tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, dict]:
+        """Inverse of `flat_tensors`: ``{"routed": {3: DownProjStats, ...}, ...}`` on `device`."""
+        grouped: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            name, layer, stat = key.split(".")
+            grouped.setdefault((name, int(layer)), {})[stat] = t.to(device)
+        tables: dict[str, dict] = {name: {} for name in TABLES}
+        for (name, layer), stats in sorted(grouped.items()):
+            tables[name][layer] = TABLES[name](**stats)
+        return tables
+
+
+# Table name -> the stats class of its entries.
+TABLES: dict[str, type] = {f.name: f.metadata["stats"] for f in fields(StatsTables)}
+
+
+@dataclass(kw_only=True)
+class StatsCollector(StatsTables):
+    """All running statistics of a profiling run (`StatsTables`), on the model's device.
 
     Set `token_offset` to the global id of the first token of each batch before running
     it (`profile` does), so locations point at calibration tokens. `num_sink_tokens`: the
@@ -154,17 +244,17 @@ class StatsCollector:
     top_k_hidden: int = 8
     num_sink_tokens: int = 1
     token_offset: int = 0
-    routed: dict[int, DownProjStats] = field(default_factory=dict)
-    shared: dict[int, DownProjStats] = field(default_factory=dict)
-    dense: dict[int, DownProjStats] = field(default_factory=dict)
-    hidden: dict[int, HiddenStats] = field(default_factory=dict)
-    sink: dict[int, SinkStats] = field(default_factory=dict)
 
     def down_proj(self, kind: str, layer: int, n: int, device: torch.device) -> DownProjStats:
         table = {ROUTED: self.routed, SHARED: self.shared, DENSE: self.dense}[kind]
         if layer not in table:
             table[layer] = DownProjStats.empty(n, device)
         return table[layer]
+
+    def load_tables(self, tables: dict[str, dict]) -> None:
+        """Replace every table (a resumed run's saved stats)."""
+        for name in TABLES:
+            setattr(self, name, tables[name])
 
     def record_grouped(
         self,
@@ -228,35 +318,7 @@ class StatsCollector:
             count = torch.tensor(mass.shape[0] * mass.shape[2], device=mass.device)
         if layer not in self.sink:
             self.sink[layer] = SinkStats.empty(sink_mass.shape[1], sink_mass.device)
-        stats = self.sink[layer]
-        stats.mass_sum = stats.mass_sum + mass.sum(dim=(0, 2))
-        stats.count = stats.count + count
-
-
-TABLES = {"routed": DownProjStats, "shared": DownProjStats, "dense": DownProjStats, "hidden": HiddenStats, "sink": SinkStats}
-
-
-def flatten_tables(holder) -> dict[str, torch.Tensor]:
-    """``{"routed.3.out_absmax": tensor, ...}`` of every stat table of `holder` (a
-    `StatsCollector` or a `ProfileResult`), for safetensors."""
-    out = {}
-    for name in TABLES:
-        for layer, stats in getattr(holder, name).items():
-            for key, t in stats.tensors().items():
-                out[f"{name}.{layer}.{key}"] = t.contiguous()
-    return out
-
-
-def unflatten_tables(tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, dict]:
-    """Inverse of `flatten_tables`: ``{"routed": {3: DownProjStats, ...}, ...}``."""
-    grouped: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        name, layer, stat = key.split(".")
-        grouped.setdefault((name, int(layer)), {})[stat] = t.to(device)
-    tables: dict[str, dict] = {name: {} for name in TABLES}
-    for (name, layer), stats in sorted(grouped.items()):
-        tables[name][layer] = TABLES[name](**stats)
-    return tables
+        self.sink[layer].add(mass.sum(dim=(0, 2)), count)
 
 
 _active: list[StatsCollector] = []

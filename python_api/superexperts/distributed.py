@@ -8,10 +8,14 @@
 - ``data``: rank r runs a contiguous shard of the calibration sequences (its token ids
   stay global) with all experts.
 
-Statistics merge with collectives: ``all_reduce(MAX)`` for maxima, ``all_reduce(MIN)``
-of packed ``token * 2**24 + channel`` among the ranks that hold the maximum (the same
+Statistics merge with collectives (each stats class's ``merge_ranks`` in
+`superexperts.collector`): ``all_reduce(MAX)`` for maxima, ``all_reduce(MIN)`` of packed
+``token * 2**24 + channel`` among the ranks that hold the maximum (the same
 first-occurrence rule as one process), ``all_reduce(SUM)`` for row counts and sink sums,
 ``all_gather`` for the per-layer top-k massive activations. NCCL on CUDA, gloo on CPU.
+
+`ExpertShard` tells an experts module (through its `superexperts.layers.ModuleTag`) which
+experts it holds, and the process group that completes its output.
 """
 
 from __future__ import annotations
@@ -22,11 +26,20 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .collector import StatsCollector
+from .collector import ROUTED, TABLES, StatsCollector
 
 MODES = ("expert", "data")
-_CHANNEL_SPAN = 2**24
-_NONE = torch.iinfo(torch.int64).max
+
+
+@dataclass
+class ExpertShard:
+    """This rank's experts of one MoE layer: ``start .. start + count`` of ``num_global``;
+    `group` is the process group that completes the layer's output (None: the default)."""
+
+    start: int
+    count: int
+    num_global: int
+    group: object = None
 
 
 @dataclass(frozen=True)
@@ -72,34 +85,8 @@ def split_range(n: int, rank: int, world: int) -> tuple[int, int]:
 def reduce_stats(stats: StatsCollector, parallel: Parallel) -> None:
     """Merge every rank's statistics into every rank's collector, in place. In expert-parallel
     runs only the routed experts differ between ranks; everything else ran on every rank."""
-    tables = (stats.routed, stats.shared, stats.dense) if parallel.mode == "data" else (stats.routed,)
-    for table in tables:
+    names = TABLES if parallel.mode == "data" else (ROUTED,)
+    for name in names:
+        table = getattr(stats, name)
         for layer in sorted(table):
-            s = table[layer]
-            local_max = s.out_absmax.clone()
-            dist.all_reduce(s.out_absmax, op=dist.ReduceOp.MAX)
-            holds_max = (local_max == s.out_absmax) & (s.out_token >= 0)
-            packed = torch.where(holds_max, s.out_token * _CHANNEL_SPAN + s.out_channel, _NONE)
-            dist.all_reduce(packed, op=dist.ReduceOp.MIN)
-            found = packed != _NONE
-            s.out_token = torch.where(found, packed // _CHANNEL_SPAN, -1)
-            s.out_channel = torch.where(found, packed % _CHANNEL_SPAN, -1)
-            dist.all_reduce(s.in_absmax, op=dist.ReduceOp.MAX)
-            dist.all_reduce(s.rows, op=dist.ReduceOp.SUM)
-    if parallel.mode != "data":
-        return
-    for layer in sorted(stats.hidden):
-        h = stats.hidden[layer]
-        gathered = []
-        for t in (h.top_values, h.top_token, h.top_channel):
-            parts = [torch.empty_like(t) for _ in range(parallel.world)]
-            dist.all_gather(parts, t)
-            gathered.append(torch.cat(parts))  # rank order is token order: ties keep the earliest
-        values, token, channel = gathered
-        order = torch.sort(values, descending=True, stable=True).indices[: h.top_values.numel()]
-        h.top_values, h.top_token, h.top_channel = values[order], token[order], channel[order]
-        for t in (h.abs_sum, h.count):
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    for layer in sorted(stats.sink):
-        for t in (stats.sink[layer].mass_sum, stats.sink[layer].count):
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            table[layer].merge_ranks()

@@ -2,18 +2,21 @@
 
 The forward mirrors transformers' ``grouped_mm`` implementation: rows sorted by expert,
 one grouped GEMM for ``gate_up_proj``, the model's own gate/activation, one grouped GEMM
-for ``down_proj``. Both GEMMs run through ``torch.ops.superexperts.moe_down_proj_profile``;
-the down projection's per-expert statistics (max |output| before the routing weight and
-the token/channel where it happened, max |input|, rows) go to the active collector.
+for ``down_proj``. Both GEMMs run through ``torch.ops.superexperts.moe_down_proj_profile``,
+the first without statistics; the down projection's per-expert statistics (max |output|
+before the routing weight and the token/channel where it happened, max |input|, rows) go
+to the active collector. The offsets are a cumulative sum of row counts, valid by
+construction, so the op is told not to read them back (no host sync per call).
 
-Experts listed in ``module._superexperts_pruned`` (bool ``[E]``) are skipped when routed:
-their rows are sent past ``offsets[-1]`` like expert-parallel sentinels, so they cost no
-GEMM and contribute zero. Nothing in the weights changes.
+The module's `superexperts.layers.ModuleTag` carries the rest:
 
-Expert parallel (``module._superexperts_shard``, see `superexperts.distributed`): the
-module holds experts ``start .. start + num_experts`` of ``num_global``; rows of the other
-experts are sentinels here, and one ``all_reduce`` of the ``[T * k, H]`` weighted rows
-completes them before the top-k sum.
+- ``pruned`` (bool ``[E]``): experts skipped when routed; their rows are sent past
+  ``offsets[-1]`` like expert-parallel sentinels, so they cost no GEMM and contribute zero.
+  Nothing in the weights changes.
+- ``shard`` (`superexperts.distributed.ExpertShard`, expert parallel): the module holds
+  experts ``start .. start + num_experts`` of ``num_global``; rows of the other experts are
+  sentinels here, and one ``all_reduce`` of the ``[T * k, H]`` weighted rows completes
+  them before the top-k sum.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from transformers.integrations.moe import ExpertsInterface
 from superexperts_kernels import moe_down_proj_profile
 
 from . import collector as _collector
+from .layers import tag_of
 
 NAME = "superexperts"
 
 
-def _grouped_linear(x, weight, offsets, bias, transposed, row_token=None):
+def _grouped_linear(x, weight, offsets, bias, transposed, row_token=None, *, with_stats=True):
     return moe_down_proj_profile(
-        x.to(weight.dtype), weight, offsets, bias, row_token, w_transposed=transposed
+        x.to(weight.dtype), weight, offsets, bias, row_token, w_transposed=transposed, with_stats=with_stats,
+        check_offsets=False,
     )
 
 
@@ -46,14 +51,15 @@ def superexperts_experts_forward(
     num_top_k = top_k_index.shape[-1]
     num_experts = self.num_experts  # held by this process
     device = hidden_states.device
-    shard = getattr(self, "_superexperts_shard", None)
+    tag = tag_of(self)
+    shard = tag.shard if tag is not None else None
     first, num_global = (shard.start, shard.num_global) if shard is not None else (0, num_experts)
 
     # Ids outside this process's experts (EP sentinels, other ranks' experts) and pruned
     # experts go to the sentinel id `num_experts`: sorted last, past offsets[-1], y = 0.
     ids = top_k_index.reshape(-1)
     held = (ids >= first) & (ids < first + num_experts)
-    pruned = getattr(self, "_superexperts_pruned", None)
+    pruned = tag.pruned if tag is not None else None
     if pruned is not None:
         held &= ~pruned.to(device)[ids.clamp(0, num_global - 1)]
     expert_ids = torch.where(held, ids - first, num_experts)
@@ -68,11 +74,11 @@ def superexperts_experts_forward(
         up_weight, up_bias = self.gate_up_proj, getattr(self, "gate_up_proj_bias", None)
     else:
         up_weight, up_bias = self.up_proj, getattr(self, "up_proj_bias", None)
-    up = _grouped_linear(x, up_weight, offsets, up_bias if self.has_bias else None, self.is_transposed).y
+    up = _grouped_linear(x, up_weight, offsets, up_bias if self.has_bias else None, self.is_transposed, with_stats=False).y
     act = self._apply_gate(up) if self.has_gate else self.act_fn(up)
 
     stats = _collector.active()
-    layer = getattr(self, "_superexperts_layer", None)
+    layer = tag.layer if tag is not None else None
     row_token = token_of_row + (stats.token_offset if stats is not None else 0)
     down_bias = getattr(self, "down_proj_bias", None) if self.has_bias else None
     prof = _grouped_linear(act, self.down_proj, offsets, down_bias, self.is_transposed, row_token)

@@ -7,16 +7,52 @@
 - shared experts: any other module with a linear ``down_proj`` inside the same MoE block;
 - dense MLPs: modules with a linear ``down_proj`` in a layer without routed experts;
 - attention: the modules that call the AttentionInterface (they carry ``layer_idx``).
+
+The toolkit's state on a transformers module is one `ModuleTag`, under one attribute.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from .distributed import ExpertShard
+
 DOWN_PROJ_NAMES = ("down_proj", "w2", "fc2")
+_TAG = "_superexperts"
+
+
+@dataclass
+class ModuleTag:
+    """What the toolkit keeps on a transformers module.
+
+    layer: decoder layer index of an experts, attention or down_proj module (`find_layers`).
+    shard: the experts an experts module holds under expert parallel (None: all of them).
+    pruned: bool ``[E]`` of an experts module, the routed experts skipped while a
+        `superexperts.ablation.Pruning` is active (None: none).
+    """
+
+    layer: int | None = None
+    shard: ExpertShard | None = None
+    pruned: torch.Tensor | None = None
+
+
+def tag(module: nn.Module) -> ModuleTag:
+    """The module's tag, created on first use."""
+    t = getattr(module, _TAG, None)
+    if t is None:
+        t = ModuleTag()
+        setattr(module, _TAG, t)
+    return t
+
+
+def tag_of(module: nn.Module) -> ModuleTag | None:
+    """The module's tag, or None when the toolkit never tagged it."""
+    return getattr(module, _TAG, None)
 
 
 @dataclass
@@ -78,10 +114,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def find_layers(model: nn.Module) -> list[LayerParts]:
-    """Describe every decoder layer of `model` and tag its modules with their layer index.
-
-    Tags: ``_superexperts_layer`` on experts, attention and down_proj modules, so the
-    experts/attention implementations and hooks know which layer they serve.
+    """Describe every decoder layer of `model` and tag its experts, attention and down_proj
+    modules with their layer index (`ModuleTag.layer`), so the experts/attention
+    implementations know which layer they serve.
     """
     parts = []
     for index, layer in enumerate(decoder_layers(model)):
@@ -91,16 +126,16 @@ def find_layers(model: nn.Module) -> list[LayerParts]:
             if is_fused_experts(m) and p.experts is None:
                 p.experts, p.experts_name = m, name
                 experts_parent = name.rsplit(".", 1)[0] if "." in name else ""
-                m._superexperts_layer = index
+                tag(m).layer = index
             if hasattr(m, "layer_idx") and any(hasattr(m, a) for a in ("q_proj", "qkv_proj", "q_a_proj", "query_key_value")):
                 p.attention.append(m)
-                m._superexperts_layer = index
+                tag(m).layer = index
         for name, m in layer.named_modules():
             down = _down_proj_of(m)
             if down is None or (p.experts is not None and name.startswith(p.experts_name)):
                 continue
             inside_moe_block = p.is_moe and (experts_parent == "" or name.startswith(experts_parent + "."))
             (p.shared if inside_moe_block else p.dense).append((name, down))
-            down._superexperts_layer = index
+            tag(down).layer = index
         parts.append(p)
     return parts

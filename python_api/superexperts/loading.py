@@ -63,7 +63,7 @@ def load_model(model_dir: str | Path, *, dtype: str = "auto", device: str = "aut
     """Load (model, tokenizer or None) from a checkpoint directory onto `device`, on our implementations."""
     from transformers import AutoModelForCausalLM
 
-    from .profiler import register
+    from .integration import register
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

@@ -14,6 +14,7 @@ from .rules import Rule, SuperExpert
 
 REPORT_FILE = "report.json"
 AUTHORS_FILE = "Super Experts Report.json"
+ABLATION_FILE = "ablation.json"
 
 
 def can_plot() -> bool:
@@ -93,7 +94,23 @@ def write_report(
         paths["heatmap"] = _plots.plot_expert_heatmap(result, super_experts, out / "expert_heatmap.png")
         paths["massive_activations"] = _plots.plot_massive_activations(result, out / "massive_activations.png")
         if ablation is not None:
-            paths["sink_decay"] = _plots.plot_sink_decay(
-                ablation.sink_decay, ablation.base.sink_mass, ablation.pruned.sink_mass, out / "sink_decay.png"
-            )
+            paths["sink_decay"] = _plot_sink_decay(ablation, out)
     return paths
+
+
+def write_ablation(ablation: AblationResult, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+    """Write ``ablation.json`` and, with `plots` and matplotlib installed (else a warning),
+    ``sink_decay.png``. Returns the written paths by name."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"ablation": out / ABLATION_FILE}
+    paths["ablation"].write_text(json.dumps(_finite(ablation.to_dict()), indent=2))
+    if plots and can_plot():
+        paths["sink_decay"] = _plot_sink_decay(ablation, out)
+    return paths
+
+
+def _plot_sink_decay(ablation: AblationResult, out: Path) -> Path:
+    from . import plots as _plots
+
+    return _plots.plot_sink_decay(ablation.sink_decay, ablation.base.sink_mass, ablation.pruned.sink_mass, out / "sink_decay.png")

@@ -1,13 +1,7 @@
 """`ProfileResult`: what one profiling run measured, on the CPU, with tables and save/load.
 
-Stat tensors (all per decoder layer):
-
-- ``routed[l]``, ``shared[l]``, ``dense[l]``: `DownProjStats` of the layer's routed experts
-  ``[E]``, shared experts ``[n_shared]`` and dense MLPs ``[n_dense]``;
-- ``hidden[l]``: `HiddenStats`, the largest |h| of the layer's output with token/channel;
-- ``sink[l]``: `SinkStats`, per-head sums of the sink mass of queries t >= 1.
-
-Token ids are global (``sample * seq_len + position``).
+Its stat tables (per decoder layer: routed/shared/dense down_proj, hidden, sink) are those
+of `superexperts.collector.StatsTables`. Token ids are global (``sample * seq_len + position``).
 """
 
 from __future__ import annotations
@@ -19,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .collector import DENSE, ROUTED, SHARED, DownProjStats, HiddenStats, SinkStats, StatsCollector, flatten_tables, unflatten_tables
+from .collector import DENSE, ROUTED, SHARED, TABLES, StatsCollector, StatsTables
 from .rules import Rule, SuperExpert, detect
 
 STATS_FILE = "stats.safetensors"
@@ -31,7 +25,9 @@ def shared_label(index: int, count: int) -> str:
 
 
 @dataclass
-class ProfileResult:
+class ProfileResult(StatsTables):
+    """The metadata of a run and its `StatsTables` on the CPU."""
+
     model_type: str
     num_layers: int
     seq_len: int
@@ -40,11 +36,6 @@ class ProfileResult:
     layer_kinds: list[str]
     shared_names: dict[int, list[str]] = field(default_factory=dict)
     dense_names: dict[int, list[str]] = field(default_factory=dict)
-    routed: dict[int, DownProjStats] = field(default_factory=dict)
-    shared: dict[int, DownProjStats] = field(default_factory=dict)
-    dense: dict[int, DownProjStats] = field(default_factory=dict)
-    hidden: dict[int, HiddenStats] = field(default_factory=dict)
-    sink: dict[int, SinkStats] = field(default_factory=dict)
     elapsed_s: float = 0.0
     work_fraction: float = 1.0  # share of the run done in `elapsed_s` (less than 1 after a resume)
 
@@ -52,17 +43,7 @@ class ProfileResult:
 
     @classmethod
     def from_collector(cls, collector: StatsCollector, **meta) -> ProfileResult:
-        def cpu(table):
-            return {layer: type(s)(**{k: v.cpu() for k, v in s.tensors().items()}) for layer, s in sorted(table.items())}
-
-        return cls(
-            **meta,
-            routed=cpu(collector.routed),
-            shared=cpu(collector.shared),
-            dense=cpu(collector.dense),
-            hidden=cpu(collector.hidden),
-            sink=cpu(collector.sink),
-        )
+        return cls(**meta, **collector.tables_on("cpu"))
 
     # ------------------------------------------------------------------ views
 
@@ -158,16 +139,16 @@ class ProfileResult:
 
     def sink_mass(self) -> dict[int, torch.Tensor]:
         """Per layer, the mean sink mass of each head over queries t >= 1: ``[heads]`` fp64."""
-        return {layer: s.mass_sum / max(int(s.count), 1) for layer, s in self.sink.items()}
+        return {layer: s.mean() for layer, s in self.sink.items()}
 
     # ------------------------------------------------------------------ persistence
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat ``{"routed.3.out_absmax": tensor, ...}`` of every stat tensor."""
-        return flatten_tables(self)
+        return self.flat_tensors()
 
     def metadata(self) -> dict:
-        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("routed", "shared", "dense", "hidden", "sink")}
+        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in TABLES}
         meta["shared_names"] = {str(k): v for k, v in self.shared_names.items()}
         meta["dense_names"] = {str(k): v for k, v in self.dense_names.items()}
         return meta
@@ -188,5 +169,5 @@ class ProfileResult:
             meta = json.load(f)
         meta["shared_names"] = {int(k): v for k, v in meta["shared_names"].items()}
         meta["dense_names"] = {int(k): v for k, v in meta["dense_names"].items()}
-        tables = unflatten_tables(load_file(str(d / STATS_FILE)))
+        tables = StatsTables.tables_from_flat(load_file(str(d / STATS_FILE)))
         return cls(**meta, **tables)

@@ -15,7 +15,6 @@ gets the masks and rotary embeddings it computes itself.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,24 +26,14 @@ from tqdm.auto import tqdm
 
 from . import distributed as _dist
 from .checkpoint import CheckpointReader
-from .collector import StatsCollector, collecting
-from .layers import LayerParts, decoder_layers, find_layers
-from .profiler import describe_model, hook_layer, register
+from .collector import collecting
+from .distributed import ExpertShard
+from .integration import describe_model, hook_layer, register
+from .layers import LayerParts, decoder_layers, find_layers, tag
 from .result import ProfileResult
-from .sweep import SweepCheckpoint, fingerprint
+from .sweep import ProfileRun
 
 _FUSED_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
-
-
-@dataclass
-class ExpertShard:
-    """This rank's experts of one MoE layer: ``start .. start + count`` of ``num_global``;
-    `group` is the process group that completes the layer's output (None: the default)."""
-
-    start: int
-    count: int
-    num_global: int
-    group: object = None
 
 
 @dataclass
@@ -139,7 +128,7 @@ class LayerLoader:
         expert_range, num_global = None, None
         if shard is not None and parts.experts is not None:
             _resize_meta_experts(parts.experts, shard.count)
-            parts.experts._superexperts_shard = shard
+            tag(parts.experts).shard = shard
             expert_range, num_global = (shard.start, shard.start + shard.count), shard.num_global
         keys = self.reader.layer_keys.get(index, [])
         tensors = self.reader.read(keys, dtype=self.dtype, expert_range=expert_range, num_experts=num_global)
@@ -245,68 +234,58 @@ def stream_profile(
         first_row, last_row = _dist.split_range(calibration.shape[0], rank, world)
     tokens = calibration[first_row:last_row]
     batches = list(tokens.split(batch_size))
-    stats = StatsCollector(top_k_hidden=top_k_hidden, num_sink_tokens=num_sink_tokens)
     hidden_home = torch.device("cpu") if offload_hidden else device
 
-    ckpt = None
-    start_layer = 0
-    hidden: list[torch.Tensor] | None = None
-    if checkpoint_dir is not None:
-        ckpt = SweepCheckpoint(
-            checkpoint_dir,
-            fingerprint(calibration, model=str(Path(model_dir).resolve()), streaming=True, batch_size=batch_size,
-                        num_sink_tokens=num_sink_tokens, top_k_hidden=top_k_hidden, parallel=parallel, world=world,
-                        dtype=str(dtype)),
-            rank,
-        )
-        if resume and ckpt.progress() is not None:
-            start_layer, hidden = ckpt.load(stats, device)
+    run = ProfileRun(
+        calibration,
+        steps=len(parts),
+        num_sink_tokens=num_sink_tokens,
+        top_k_hidden=top_k_hidden,
+        checkpoint_dir=checkpoint_dir,
+        rank=rank,
+        model=str(Path(model_dir).resolve()),
+        streaming=True,
+        batch_size=batch_size,
+        parallel=parallel,
+        world=world,
+        dtype=str(dtype),
+    )
+    hidden = run.resume(device) if resume else None
     if hidden is None:
         hidden = [layer_arguments(model, b.to(device))[0][0].to(hidden_home) for b in batches]
-
-    start_time = time.perf_counter()
-    total = len(parts) - start_layer
-    bar = tqdm(total=total * tokens.numel(), desc=f"stream rank {rank}" if par else "stream", unit="tok",
-               unit_scale=True, disable=not progress or rank != 0, dynamic_ncols=True)
-    for index in range(start_layer, len(parts)):
-        p = parts[index]
-        layer_shard = None
-        if par and par.mode == "expert" and p.experts is not None:
-            num_global = p.experts.num_experts
-            start, end = _dist.split_range(num_global, rank, world)
-            layer_shard = ExpertShard(start, end - start, num_global)
-        layer = loader.load_layer(index, p, layer_shard)
-        resident = _param_bytes(model)
-        memory.layer_param_bytes.append(resident - memory.base_param_bytes)
-        memory.peak_param_bytes = max(memory.peak_param_bytes, resident)
-        handles = hook_layer(p, stats)
-        try:
-            with collecting(stats), torch.inference_mode():
-                for b, batch in enumerate(batches):
-                    stats.token_offset = (first_row + b * batch_size) * seq_len
-                    _, args, kwargs = layer_arguments(model, batch.to(device))[index]
-                    out = layer(hidden[b].to(device), *args, **kwargs)
-                    hidden[b] = (out[0] if isinstance(out, tuple) else out).to(hidden_home)
-                    bar.update(batch.numel())
-        finally:
-            for h in handles:
-                h.remove()
-            loader.free_layer(layer)
-        if ckpt is not None:
-            ckpt.save(stats, index + 1, hidden)
+    bar = tqdm(total=(len(parts) - run.done) * tokens.numel(), desc=f"stream rank {rank}" if par else "stream",
+               unit="tok", unit_scale=True, disable=not progress or rank != 0, dynamic_ncols=True)
+    stats = run.stats
+    with run.timed():
+        for index in range(run.done, len(parts)):
+            p = parts[index]
+            layer_shard = None
+            if par and par.mode == "expert" and p.experts is not None:
+                num_global = p.experts.num_experts
+                start, end = _dist.split_range(num_global, rank, world)
+                layer_shard = ExpertShard(start, end - start, num_global)
+            layer = loader.load_layer(index, p, layer_shard)
+            resident = _param_bytes(model)
+            memory.layer_param_bytes.append(resident - memory.base_param_bytes)
+            memory.peak_param_bytes = max(memory.peak_param_bytes, resident)
+            handles = hook_layer(p, stats)
+            try:
+                with collecting(stats), torch.inference_mode():
+                    for b, batch in enumerate(batches):
+                        stats.token_offset = (first_row + b * batch_size) * seq_len
+                        _, args, kwargs = layer_arguments(model, batch.to(device))[index]
+                        out = layer(hidden[b].to(device), *args, **kwargs)
+                        hidden[b] = (out[0] if isinstance(out, tuple) else out).to(hidden_home)
+                        bar.update(batch.numel())
+            finally:
+                for h in handles:
+                    h.remove()
+                loader.free_layer(layer)
+            run.step_done(index + 1, hidden)
     bar.close()
-    elapsed = time.perf_counter() - start_time
 
     if par is not None:
         _dist.reduce_stats(stats, par)
     if rank != 0:
         return None
-    return ProfileResult.from_collector(
-        stats,
-        **describe_model(model, parts),
-        seq_len=seq_len,
-        num_sequences=calibration.shape[0],
-        num_sink_tokens=num_sink_tokens,
-        elapsed_s=elapsed,
-        work_fraction=(len(parts) - start_layer) / len(parts),
-    )
+    return run.result(**describe_model(model, parts))

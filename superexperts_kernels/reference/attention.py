@@ -1,5 +1,5 @@
-"""Pure-torch reference of `attention_with_sink`: the CPU fallback, and the eager path the
-transformers integration falls back to for masks the op does not take.
+"""Pure-torch reference of `attention_with_sink`: the test oracle, and the backend that serves
+the op where no faster one runs or honours the call's arguments (`softcap`, `attn_mask`).
 
 Explicit softmax attention, one chunk of queries at a time, so memory is
 O(chunk_size x Tk) per head and the T x Tk matrix is never built at once.
@@ -45,8 +45,8 @@ def attention_with_sink_reference(
     key_padding_mask: torch.Tensor | None = None,
     sink_logits: torch.Tensor | None = None,
     *,
-    attn_mask: torch.Tensor | None = None,
     softcap: float | None = None,
+    attn_mask: torch.Tensor | None = None,
     chunk_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and the softmax mass on the sink keys, per query.
@@ -58,14 +58,12 @@ def attention_with_sink_reference(
     - `causal`: ``j <= p_i``;
     - `sliding_window` ``W`` (only with `causal`): ``p_i - j < W``;
     - `key_padding_mask`: ``key_padding_mask[b, j]``;
-    - `attn_mask` (bool): ``attn_mask[b, h, i, j]``. A float `attn_mask` is added to the
-      scores instead, and its entries equal to ``-inf`` or to ``finfo(attn_mask.dtype).min``
-      (transformers' masked value) make the key invisible. To use `attn_mask` alone, pass
-      ``causal=False``.
+    - `attn_mask`: ``attn_mask[b, h, i, j]`` (broadcast over size-1 dims). To use it
+      alone, pass ``causal=False``.
 
     Scores are ``s = scale * q.k`` in fp32, then ``softcap * tanh(s / softcap)`` when
-    `softcap` is given, then the float `attn_mask`. With `sink_logits` (GPT-OSS learned
-    sinks) the softmax denominator gains ``exp(sink_logits[h])``, a logit without a value.
+    `softcap` is given. With `sink_logits` (GPT-OSS learned sinks) the softmax denominator
+    gains ``exp(sink_logits[h])``, a logit without a value.
     A query that sees no key gets ``o = 0`` and ``sink_mass = 0``.
 
     Args:
@@ -78,9 +76,8 @@ def attention_with_sink_reference(
         sliding_window: ``W >= 1`` keys including the query's own position, or None.
         key_padding_mask: optional bool ``[B, Tk]``, True where the key may be attended.
         sink_logits: optional ``[Hq]`` float, taken in fp32 as given (not scaled).
-        attn_mask: optional mask broadcastable to ``[B, Hq, T, Tk]`` (keyword only; not in
-            the op schema).
-        softcap: optional score soft cap (keyword only; not in the op schema).
+        softcap: optional score soft cap ``> 0``.
+        attn_mask: optional bool ``[B or 1, Hq or 1, T or 1, Tk]``, True where visible.
         chunk_size: queries per chunk; bounds the scores to ``[B, Hq, chunk_size, Tk]``.
 
     Returns:
@@ -99,7 +96,6 @@ def attention_with_sink_reference(
     k_t = k.float().transpose(-1, -2)
     v_f = v.float()
     sink = sink_logits.float().view(1, num_heads, 1, 1) if sink_logits is not None else None
-    float_mask = attn_mask is not None and attn_mask.dtype != torch.bool
 
     o = torch.empty(batch, num_heads, seq_q, head_dim, dtype=q.dtype, device=dev)
     sink_mass = torch.empty(batch, num_heads, seq_q, dtype=torch.float32, device=dev)
@@ -114,12 +110,7 @@ def attention_with_sink_reference(
 
         visible = _visible(i0, i1, seq_q, seq_k, causal, sliding_window, key_padding_mask, dev)
         if attn_mask is not None:
-            m = attn_mask[:, :, i0:i1] if attn_mask.shape[2] == seq_q else attn_mask
-            if float_mask:
-                s.add_(m)
-                visible = visible & (m > torch.finfo(m.dtype).min)
-            else:
-                visible = visible & m
+            visible = visible & (attn_mask[:, :, i0:i1] if attn_mask.shape[2] == seq_q else attn_mask)
         s.masked_fill_(~visible, float("-inf"))
 
         row_max = s.amax(dim=-1, keepdim=True)

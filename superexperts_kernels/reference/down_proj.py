@@ -1,4 +1,5 @@
-"""Pure-torch reference of `moe_down_proj_profile`: the test oracle and the CPU fallback.
+"""Pure-torch reference of `moe_down_proj_profile`: the test oracle, and the backend that serves
+the op where no faster one runs.
 
 One matmul per expert with rows, accumulated in fp32 and rounded once to `x.dtype`
 (what the Triton kernel does), then the statistics of the rounded values.
@@ -32,7 +33,8 @@ def moe_down_proj_profile_reference(
             ``out_argmax[:, 0]`` holds the token position instead of the row.
         w_transposed: weight layout flag, see `w_down`.
         channel_stats: also return the per-expert, per-channel max ``[E, H]``.
-        with_stats: False computes ``y`` only (stats stay zero; for benchmarks).
+        with_stats: False computes ``y`` only: ``rows`` is still counted, the other stats
+            stay 0 (``out_argmax`` -1).
 
     Returns:
         ``y [S, H]`` (x.dtype), ``out_absmax [E]`` fp32, ``out_argmax [E, 2]`` int64
