@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    from .vllm.cli import add_parser as add_vllm_report
+
+    add_vllm_report(sub)
     return parser
 
 
