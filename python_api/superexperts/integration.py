@@ -45,7 +45,9 @@ def our_implementations(model: torch.nn.Module, *, attention: bool = True) -> It
     model.set_experts_implementation(_experts.NAME)
     if attention:
         model.set_attn_implementation(_attention.NAME)
-    adapted = [AdapterHandle(p) for p in find_layers(model) if p.adapter is not None]
+    adapted = []
+    if any(_adapters.adapter_for(m) is not None for m in model.modules()):
+        adapted = [AdapterHandle(p) for p in find_layers(model) if p.adapter is not None]
     try:
         yield
     finally:
