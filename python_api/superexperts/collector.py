@@ -167,8 +167,8 @@ class SinkStats(_Stats):
 
     def add(self, mass_sum: torch.Tensor, count: torch.Tensor, first_head: int = 0) -> None:
         """Add per-head sums of heads ``first_head ..`` over `count` queries."""
-        heads = slice(first_head, first_head + mass_sum.numel())
-        self.mass_sum = self.mass_sum.index_add(0, torch.arange(heads.start, heads.stop, device=mass_sum.device), mass_sum)
+        after = self.mass_sum.numel() - first_head - mass_sum.numel()
+        self.mass_sum = self.mass_sum + torch.nn.functional.pad(mass_sum, (first_head, after))
         self.count = self.count + count
 
     def mean(self) -> torch.Tensor:
