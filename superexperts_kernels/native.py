@@ -35,13 +35,16 @@ ATTENTION_OP = "attention_with_sink"
 
 def info() -> dict:
     """What the native extension holds: ``built`` (bool), ``cuda`` (built with CUDA kernels),
-    ``cpu_capability`` ("avx2" or "default"), ``device_types`` per op, and ``error`` (why the
-    extension did not load, or None)."""
+    ``cpu_capability`` (the instruction set of the CPU kernels' vector loops, chosen at run
+    time for this CPU: "default", "avx2" or "avx512"), ``cpu_gemm_dtype`` (per input dtype, the
+    dtype the CPU down projection's GEMMs run in on this CPU), ``device_types`` per op, and
+    ``error`` (why the extension did not load, or None)."""
     built = _native is not None
     return {
         "built": built,
         "cuda": built and bool(_native.WITH_CUDA),
         "cpu_capability": _native.CPU_CAPABILITY if built else None,
+        "cpu_gemm_dtype": {d: _native.cpu_gemm_dtype(d) for d in ("float32", "bfloat16", "float16")} if built else None,
         "device_types": {
             DOWN_PROJ_OP: list(moe_down_proj_profile_native.device_types) if built else [],
             ATTENTION_OP: list(attention_with_sink_native.device_types) if built else [],
