@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -26,10 +27,10 @@ namespace {
 
 constexpr const char* kOp = "superexperts::attention_with_sink_native";
 constexpr int64_t kMaxHeadDim = 256;
-// Queries per item, and keys per block: at group 8 and D = 128 the [256, 128] query block,
-// scores and output accumulator take 128 KiB each and stay in L2.
+// Queries per item, and keys per block: at group 8 and D = 128 the [256, 128] query block and
+// output accumulator take 128 KiB each and the [256, 256] scores 256 KiB, in L2.
 constexpr int64_t kQueryBlock = 32;
-constexpr int64_t kKeyBlock = 128;
+constexpr int64_t kKeyBlock = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Problem {
@@ -215,22 +216,22 @@ std::tuple<at::Tensor, at::Tensor> attention_with_sink_cpu(const at::Tensor& q, 
                    kv_heads,
                    q_blocks};
 
-  // Items in (b, kv head, query block) order, dealt out round-robin: with causal masking the
-  // later query blocks cost more, and round-robin gives each worker a share of every cost.
-  const int64_t items = batch * kv_heads * q_blocks;
+  // Workers take items from a shared counter, the later query blocks first: under causal
+  // masking they cost the most, so the cheap ones at the end even out the workers' loads,
+  // including when another process holds a core.
+  const int64_t heads_total = batch * kv_heads, items = heads_total * q_blocks;
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
+  std::atomic<int64_t> next{0};
   // Workers start with default thread-local state; give them the caller's (below autograd).
   const at::ThreadLocalState caller_state;
-  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const at::ThreadLocalStateGuard state_guard(caller_state);
     Workspace ws(group * kQueryBlock, head_dim);
-    for (int64_t w = w0; w < w1; ++w) {
-      for (int64_t item = w; item < items; item += workers) {
-        const int64_t qb = item % q_blocks, bh = item / q_blocks;
-        SUPEREXPERTS_DISPATCH_FLOAT(q.scalar_type(), "attention_with_sink_native", [&] {
-          attend_block<scalar_t>(pb, ws, bh / kv_heads, bh % kv_heads, qb * kQueryBlock);
-        });
-      }
+    for (int64_t item = next++; item < items; item = next++) {
+      const int64_t qb = q_blocks - 1 - item / heads_total, bh = item % heads_total;
+      SUPEREXPERTS_DISPATCH_FLOAT(q.scalar_type(), "attention_with_sink_native", [&] {
+        attend_block<scalar_t>(pb, ws, bh / kv_heads, bh % kv_heads, qb * kQueryBlock);
+      });
     }
   });
   return {o, sink_mass};

@@ -2,16 +2,7 @@
 // here, for this file only; cpu_isa.cpp calls it only where the CPU has these instructions.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-// The pragma sets the code generation but, in C++, not the macros that the matching -m flags
-// define; headers (sleef.h, c10) read them to declare what the target has.
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
-#define __BMI__ 1
-#define __BMI2__ 1
-#define __LZCNT__ 1
-#define __POPCNT__ 1
+#include "cpu_isa_x86.h"
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define SUPEREXPERTS_ISA avx2

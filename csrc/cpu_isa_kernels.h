@@ -61,6 +61,27 @@ inline std::tuple<Vec, Vec> store2(T* p, const Vec& v0, const Vec& v1) {
   }
 }
 
+// Folds |v0|, |v1| (the kStep values at channel c) into the running max m and, with
+// kChannels, into chan[c ...].
+template <bool kChannels>
+inline void fold(Vec& m, Vec v0, Vec v1, float* chan, int64_t c) {
+  v0 = v0.abs();
+  v1 = v1.abs();
+  m = vmax(m, vmax(v0, v1));
+  if constexpr (kChannels) {
+    vmax(Vec::loadu(chan + c), v0).store(chan + c);
+    vmax(Vec::loadu(chan + c + Vec::size()), v1).store(chan + c + Vec::size());
+  }
+}
+
+// The same for one value of the tail.
+template <bool kChannels>
+inline void fold_one(float& m, float v, float* chan, int64_t c) {
+  const float a = std::abs(v);
+  m = above(a, m) ? a : m;
+  if constexpr (kChannels) chan[c] = above(a, chan[c]) ? a : chan[c];
+}
+
 template <typename T, bool kStats, bool kChannels>
 float round_row_impl(const float* acc, const float* bias, T* out, float* chan, int64_t n) {
   Vec m(0.f);
@@ -72,25 +93,13 @@ float round_row_impl(const float* acc, const float* bias, T* out, float* chan, i
       v1 = v1 + Vec::loadu(bias + c + Vec::size());
     }
     std::tie(v0, v1) = store2<T>(out + c, v0, v1);
-    if constexpr (kStats) {
-      v0 = v0.abs();
-      v1 = v1.abs();
-      m = vmax(m, vmax(v0, v1));
-      if constexpr (kChannels) {
-        vmax(Vec::loadu(chan + c), v0).store(chan + c);
-        vmax(Vec::loadu(chan + c + Vec::size()), v1).store(chan + c + Vec::size());
-      }
-    }
+    if constexpr (kStats) fold<kChannels>(m, v0, v1, chan, c);
   }
   float row_max = kStats ? reduce_max(m) : 0.f;
   for (; c < n; ++c) {
     const T v = static_cast<T>(bias ? acc[c] + bias[c] : acc[c]);
     out[c] = v;
-    if constexpr (kStats) {
-      const float a = std::abs(static_cast<float>(v));
-      row_max = above(a, row_max) ? a : row_max;
-      if constexpr (kChannels) chan[c] = above(a, chan[c]) ? a : chan[c];
-    }
+    if constexpr (kStats) fold_one<kChannels>(row_max, static_cast<float>(v), chan, c);
   }
   return std::abs(row_max);
 }
@@ -111,21 +120,11 @@ float absmax_row_impl(const T* x, float* chan, int64_t n) {
   Vec m(0.f);
   int64_t c = 0;
   for (; c + kStep <= n; c += kStep) {
-    auto [v0, v1] = load2<T>(x + c);
-    v0 = v0.abs();
-    v1 = v1.abs();
-    m = vmax(m, vmax(v0, v1));
-    if constexpr (kChannels) {
-      vmax(Vec::loadu(chan + c), v0).store(chan + c);
-      vmax(Vec::loadu(chan + c + Vec::size()), v1).store(chan + c + Vec::size());
-    }
+    const auto [v0, v1] = load2<T>(x + c);
+    fold<kChannels>(m, v0, v1, chan, c);
   }
   float row_max = reduce_max(m);
-  for (; c < n; ++c) {
-    const float a = std::abs(static_cast<float>(x[c]));
-    row_max = above(a, row_max) ? a : row_max;
-    if constexpr (kChannels) chan[c] = above(a, chan[c]) ? a : chan[c];
-  }
+  for (; c < n; ++c) fold_one<kChannels>(row_max, static_cast<float>(x[c]), chan, c);
   return std::abs(row_max);
 }
 
