@@ -25,10 +25,14 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
-#if defined(CPU_CAPABILITY_AVX2)
+#include "cpu_isa.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define SUPEREXPERTS_X86 1
 #include <immintrin.h>
 #endif
 
@@ -47,7 +51,11 @@ inline float round_to(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(SUPEREXPERTS_X86)
+// The AVX2 micro-kernel is compiled for its own target and called only where the run-time
+// choice of cpu_isa.h is avx2 or above (no -m flag on the build's command line).
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
 // 16 weights of one k-row of a panel as two fp32 vectors.
 inline void load16(const float* p, __m256& lo, __m256& hi) {
   lo = _mm256_loadu_ps(p);
@@ -68,7 +76,7 @@ inline void load16(const c10::Half* p, __m256& lo, __m256& hi) {
 // fp32 accumulation. Few rows leave FMA latency exposed, so U partial sums over interleaved k
 // keep ~12 FMA chains in flight.
 template <int MR, typename W>
-inline void micro_kernel(const float* a, const W* b, int64_t K, float* c) {
+void micro_kernel_avx2(const float* a, const W* b, int64_t K, float* c) {
   constexpr int U = MR >= 4 ? 1 : 6 / MR;
   __m256 acc[U][MR][2];
   for (int u = 0; u < U; ++u)
@@ -104,9 +112,11 @@ inline void micro_kernel(const float* a, const W* b, int64_t K, float* c) {
     _mm256_storeu_ps(c + m * kNR + 8, acc[0][m][1]);
   }
 }
-#else
+#pragma GCC pop_options
+#endif
+
 template <int MR, typename W>
-inline void micro_kernel(const float* a, const W* b, int64_t K, float* c) {
+inline void micro_kernel_portable(const float* a, const W* b, int64_t K, float* c) {
   float acc[MR][kNR] = {};
   for (int64_t k = 0; k < K; ++k)
     for (int m = 0; m < MR; ++m) {
@@ -116,13 +126,48 @@ inline void micro_kernel(const float* a, const W* b, int64_t K, float* c) {
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < kNR; ++n) c[m * kNR + n] = acc[m][n];
 }
+
+template <bool kAvx2, int MR, typename W>
+inline void micro_kernel(const float* a, const W* b, int64_t K, float* c) {
+#if defined(SUPEREXPERTS_X86)
+  if constexpr (kAvx2) {
+    micro_kernel_avx2<MR, W>(a, b, K, c);
+    return;
+  }
 #endif
+  micro_kernel_portable<MR, W>(a, b, K, c);
+}
+
+bool use_avx2() {
+#if defined(SUPEREXPERTS_X86)
+  static const bool avx2 = std::string(cpu::kernels().name) != "default";
+  return avx2;
+#else
+  return false;
+#endif
+}
 
 // Rows of one expert are packed in blocks of kMR (the last block holds the rest): row r of
 // the expert, k at a[(r / kMR) * kMR * K + k * mr + r % kMR], mr the rows of its block.
 inline int64_t packed_index(int64_t r, int64_t rows, int64_t k, int64_t K) {
   const int64_t block = r / kMR * kMR;
   return block * K + k * std::min<int64_t>(kMR, rows - block) + (r - block);
+}
+
+template <bool kAvx2, typename W>
+void panel_rows(const float* a, int64_t rows, const W* b, int64_t K, float* c) {
+  int64_t r = 0;
+  for (; r + kMR <= rows; r += kMR) micro_kernel<kAvx2, kMR, W>(a + r * K, b, K, c + r * kNR);
+  const float* ar = a + r * K;
+  float* cr = c + r * kNR;
+  switch (rows - r) {
+    case 5: micro_kernel<kAvx2, 5, W>(ar, b, K, cr); break;
+    case 4: micro_kernel<kAvx2, 4, W>(ar, b, K, cr); break;
+    case 3: micro_kernel<kAvx2, 3, W>(ar, b, K, cr); break;
+    case 2: micro_kernel<kAvx2, 2, W>(ar, b, K, cr); break;
+    case 1: micro_kernel<kAvx2, 1, W>(ar, b, K, cr); break;
+    default: break;
+  }
 }
 
 // c[rows][16] = (packed rows of one expert) x b[K][16]. With more than one block of rows, the
@@ -134,17 +179,10 @@ void panel_gemm(const float* a, int64_t rows, const W* b, int64_t K, float* c, f
     panel_gemm<float>(a, rows, wide, K, c, nullptr);
     return;
   }
-  int64_t r = 0;
-  for (; r + kMR <= rows; r += kMR) micro_kernel<kMR, W>(a + r * K, b, K, c + r * kNR);
-  const float* ar = a + r * K;
-  float* cr = c + r * kNR;
-  switch (rows - r) {
-    case 5: micro_kernel<5, W>(ar, b, K, cr); break;
-    case 4: micro_kernel<4, W>(ar, b, K, cr); break;
-    case 3: micro_kernel<3, W>(ar, b, K, cr); break;
-    case 2: micro_kernel<2, W>(ar, b, K, cr); break;
-    case 1: micro_kernel<1, W>(ar, b, K, cr); break;
-    default: break;
+  if (use_avx2()) {
+    panel_rows<true, W>(a, rows, b, K, c);
+  } else {
+    panel_rows<false, W>(a, rows, b, K, c);
   }
 }
 

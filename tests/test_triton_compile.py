@@ -201,8 +201,6 @@ def test_attention_configs_compile_without_spills(compiled, version, arch):
 if __name__ == "__main__":
     import triton
 
-    from superexperts_kernels._triton import offline
-
     results = compile_all()
     results["_triton"] = {"version": triton.__version__}
     print(json.dumps(results))
