@@ -76,6 +76,29 @@ def test_ties_across_tiles_locate_the_first_occurrence(cfg, dtype):
     assert torch.all(res[0][sum(counts):].cpu() == 0)
 
 
+def test_norm_sum_over_column_tiles_is_deterministic():
+    """Rows span five column tiles: each tile writes its squared partial norms, the finalize
+    kernel sums them in a fixed order, so repeated calls agree bit for bit."""
+    from superexperts_kernels._triton.down_proj import moe_down_proj_profile_triton
+
+    counts, hidden, inter = [3, 41, 0, 7], 136, 48
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(sum(counts) + 2, inter, generator=g).to(torch.bfloat16).to(KERNEL_DEVICE)
+    w = (torch.randn(len(counts), hidden, inter, generator=g) * 0.1).to(torch.bfloat16).to(KERNEL_DEVICE)
+    bias = torch.randn(len(counts), hidden, generator=g).to(torch.bfloat16).to(KERNEL_DEVICE)
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32).to(KERNEL_DEVICE)
+    row_weight = torch.rand(x.shape[0], generator=g).to(KERNEL_DEVICE)
+    runs = [moe_down_proj_profile_triton(x, w, offsets, bias, None, False, False, row_weight=row_weight,
+                                         config=tile(16, 32, 16, group=3)) for _ in range(2)]
+    assert torch.equal(runs[0][6], runs[1][6])
+    y = runs[0][0].cpu().double()
+    want, start = [], 0
+    for n in counts:
+        want.append(float((row_weight.cpu().double()[start : start + n] * y[start : start + n].square().sum(1).sqrt()).sum()))
+        start += n
+    torch.testing.assert_close(runs[0][6].cpu().double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
 def test_bias_on_rows_past_the_expert_is_not_a_stat():
     """Rows of a tile past its expert's end hold only the bias in registers; they must not
     count, even when the bias is larger than every real output."""
@@ -140,6 +163,49 @@ def test_device_files_are_read_by_family_and_exact_name(tmp_path, monkeypatch):
         assert tk.config_for_device("NVIDIA H100 80GB HBM3", 20000, 128, 2048, 768, torch.float32) == tk._FALLBACK_FP32[-1][1]
     finally:
         tk.load_device_configs.cache_clear()
+
+
+# --------------------------------------------------------------------------- TMA, registers
+
+
+def test_tma_only_where_the_descriptors_apply():
+    from superexperts_kernels._triton.down_proj import tma_applies
+
+    x = torch.zeros(64, 128, dtype=torch.bfloat16)
+    w = torch.zeros(4, 32, 128, dtype=torch.bfloat16)
+    assert tma_applies(x, w, 90) and tma_applies(x.half(), w.half(), 100)
+    assert not tma_applies(x, w, 80) and not tma_applies(x, w, 89)  # no TMA before sm_90
+    assert not tma_applies(x.float(), w.float(), 90)  # fp32: FMA loops from cp.async tiles
+    assert tma_applies(x, w.transpose(1, 2).contiguous(), 90)  # [E, I, H]: H is the unit stride
+    assert not tma_applies(x, w.transpose(1, 2), 90)  # no unit innermost stride
+    assert not tma_applies(x[:, 1:65], w, 90)  # base not 16-byte aligned
+    assert not tma_applies(torch.zeros(64, 100, dtype=torch.bfloat16), torch.zeros(4, 32, 100, dtype=torch.bfloat16), 90)
+
+
+def test_register_caps_keep_the_occupancy():
+    from superexperts_kernels._triton.down_proj import stats_register_cap
+    from superexperts_kernels._triton.occupancy import ctas_per_sm
+
+    assert stats_register_cap(188, 196608, 8, 90, extended=False) == 204
+    assert stats_register_cap(250, 196608, 8, 90, extended=False) == 255
+    # Channel stats / row norms: as many registers as keep the CTAs per SM.
+    for regs, smem, warps in [(188, 196608, 8), (112, 32768, 4), (96, 16384, 4), (128, 98304, 4)]:
+        cap = stats_register_cap(regs, smem, warps, 90, extended=True)
+        assert cap >= regs and ctas_per_sm(cap, smem, warps, 90) == ctas_per_sm(regs, smem, warps, 90)
+        assert cap == 255 or ctas_per_sm(cap + 8, smem, warps, 90) < ctas_per_sm(regs, smem, warps, 90)
+
+
+def test_descriptor_scratch_leaves_the_callers_allocator_alone():
+    """Device-side tensor descriptors need Triton's global-scratch allocator; the launcher sets
+    one for its own launch only."""
+    import triton.runtime._allocation as allocation
+
+    from superexperts_kernels._triton.down_proj import _with_scratch
+
+    before = allocation._allocator.get()
+    buffer = _with_scratch(torch.device("cpu"), lambda: allocation._allocator.get()(256, 128, None))
+    assert isinstance(buffer, torch.Tensor) and buffer.numel() == 256 and buffer.device.type == "cpu"
+    assert allocation._allocator.get() is before
 
 
 # --------------------------------------------------------------------------- host cost
