@@ -49,14 +49,9 @@ def check_exact(res, x, counts, with_channels=True):
             assert torch.equal(res[5][e].cpu(), chan), e
 
 
-@pytest.mark.parametrize("cfg", [tile(16, 32, 32), tile(16, 32, 16, group=3), tile(32, 128, 32, group=2)],
-                         ids=["16x32x32", "16x32x16-group3", "32x128x32-group2-quarters"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_ties_across_tiles_locate_the_first_occurrence(cfg, dtype):
-    """The max of expert 1 appears in several row tiles and column tiles: the first in
-    row-major order wins, whichever program merges first."""
-    from superexperts_kernels._triton.down_proj import moe_down_proj_profile_triton
-
+def ties_case(dtype):
+    """Rows of four experts (one empty) where expert 1's max appears in two row tiles and three
+    column tiles, and rows past the last expert."""
     counts, hidden, inter = [3, 41, 0, 7], 136, 48
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(sum(counts) + 2, inter, generator=g) * 0.1).to(dtype)
@@ -69,11 +64,44 @@ def test_ties_across_tiles_locate_the_first_occurrence(cfg, dtype):
     for c in (17, 100, 130):  # three column tiles hold the max in both rows
         w[1, c, 0] = 2.0
     offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    return counts, x, w, offsets
+
+
+@pytest.mark.parametrize("cfg", [tile(16, 32, 32), tile(16, 32, 16, group=3), tile(32, 128, 32, group=2)],
+                         ids=["16x32x32", "16x32x16-group3", "32x128x32-group2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_ties_across_tiles_locate_the_first_occurrence(cfg, dtype):
+    """The max of expert 1 appears in several row tiles and column tiles: the first in
+    row-major order wins, whichever program merges first."""
+    from superexperts_kernels._triton.down_proj import moe_down_proj_profile_triton
+
+    counts, x, w, offsets = ties_case(dtype)
     res = moe_down_proj_profile_triton(x.to(KERNEL_DEVICE), w.to(KERNEL_DEVICE), offsets.to(KERNEL_DEVICE), None,
                                        None, False, True, config=cfg)
     assert res[2][1].tolist() == [3 + 5, 17]
     check_exact(res, x, counts)
     assert torch.all(res[0][sum(counts):].cpu() == 0)
+
+
+@pytest.mark.skipif(KERNEL_DEVICE == "cuda", reason="forces the sm_86+ path of the interpreter")
+@pytest.mark.parametrize("cfg", [tile(16, 32, 32), tile(32, 128, 32, group=2)], ids=["16x32x32", "32x128x32-group2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_packed_maxima_fold_the_right_columns(monkeypatch, cfg, dtype):
+    """On sm_86+ the row maxima fold column halves as packed 16-bit pairs and the x pass keeps
+    16-bit maxima; the interpreter runs the same folds (maxima one by one for the inline
+    assembly): the same exact stats, ties and a NaN included."""
+    from superexperts_kernels._triton import down_proj as tk
+
+    monkeypatch.setattr(tk, "packed_max_arch", lambda arch, dtype: True)
+    monkeypatch.setattr(tk, "column_folds", lambda cfg: (cfg["BLOCK_N"] // 8).bit_length() - 1)
+    counts, x, w, offsets = ties_case(dtype)
+    res = tk.moe_down_proj_profile_triton(x, w, offsets, None, None, False, True, config=cfg)
+    assert res[2][1].tolist() == [3 + 5, 17]
+    check_exact(res, x, counts)
+    x[50, 3] = float("nan")  # expert 3's rows: every output of row 50 is NaN
+    res = tk.moe_down_proj_profile_triton(x, w, offsets, None, None, False, True, config=cfg)
+    assert res[1][3].isnan() and res[2][3].tolist() == [50, 0] and res[3][3].isnan()
+    check_exact(res, x, counts[:3])  # the other experts as before
 
 
 def test_norm_sum_over_column_tiles_is_deterministic():

@@ -71,10 +71,13 @@ def _abs_max(v, axis: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _packed_abs_max(a, b):
+def _packed_abs_max(a, b, ASM: tl.constexpr):
     """max(|a|, |b|) elementwise on fp16/bf16 pairs packed in 32-bit registers (sm_86+); the
-    signs of the result are garbage (xorsign), NaN wins."""
-    if a.dtype == tl.bfloat16:
+    signs of the result are garbage (xorsign), NaN wins. Without `ASM` (the interpreter, which
+    runs no inline assembly) the same maxima one by one."""
+    if not ASM:
+        return _max_nan(tl.abs(a.to(tl.float32)), tl.abs(b.to(tl.float32))).to(a.dtype)
+    elif a.dtype == tl.bfloat16:
         return tl.inline_asm_elementwise("max.NaN.xorsign.abs.bf16x2 $0, $1, $2;", "=r,r,r", [a, b],
                                          dtype=tl.bfloat16, is_pure=True, pack=2)
     else:
@@ -83,27 +86,28 @@ def _packed_abs_max(a, b):
 
 
 @triton.jit
-def _fold_columns(v, BLOCK_M: tl.constexpr, W: tl.constexpr):
-    """``[BLOCK_M, W]`` -> ``[BLOCK_M, W // 2]``: `_packed_abs_max` of the two column halves."""
-    lo, hi = tl.split(tl.permute(tl.reshape(v, (BLOCK_M, 2, W // 2)), (0, 2, 1)))
-    return _packed_abs_max(lo, hi)
+def _fold_columns(v, BLOCK_M: tl.constexpr, W: tl.constexpr, ASM: tl.constexpr):
+    """``[BLOCK_M, W]`` -> ``[BLOCK_M, W // 2]``: `_packed_abs_max` of the columns 8 apart in
+    each group of 16, which the MMA layouts keep in one thread."""
+    lo, hi = tl.split(tl.permute(tl.reshape(v, (BLOCK_M, W // 16, 2, 8)), (0, 1, 3, 2)))
+    return tl.reshape(_packed_abs_max(lo, hi, ASM), (BLOCK_M, W // 2))
 
 
 @triton.jit
-def _row_abs_max_packed(y, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """max |y| per row of a 16-bit ``[BLOCK_M, BLOCK_N]`` tile, fp32: column halves folded with
-    `_packed_abs_max` (two values per instruction) down to 8 columns, those in fp32."""
+def _row_abs_max_packed(y, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FOLDS: tl.constexpr, ASM: tl.constexpr):
+    """max |y| per row of a 16-bit ``[BLOCK_M, BLOCK_N]`` tile, fp32: `FOLDS` in-thread folds
+    with `_packed_abs_max` (two values per instruction), the rest in fp32."""
     v = y
-    if BLOCK_N >= 16:
-        v = _fold_columns(v, BLOCK_M, BLOCK_N)
-    if BLOCK_N >= 32:
-        v = _fold_columns(v, BLOCK_M, BLOCK_N // 2)
-    if BLOCK_N >= 64:
-        v = _fold_columns(v, BLOCK_M, BLOCK_N // 4)
-    if BLOCK_N >= 128:
-        v = _fold_columns(v, BLOCK_M, BLOCK_N // 8)
-    if BLOCK_N >= 256:
-        v = _fold_columns(v, BLOCK_M, BLOCK_N // 16)
+    if FOLDS >= 1:
+        v = _fold_columns(v, BLOCK_M, BLOCK_N, ASM)
+    if FOLDS >= 2:
+        v = _fold_columns(v, BLOCK_M, BLOCK_N // 2, ASM)
+    if FOLDS >= 3:
+        v = _fold_columns(v, BLOCK_M, BLOCK_N // 4, ASM)
+    if FOLDS >= 4:
+        v = _fold_columns(v, BLOCK_M, BLOCK_N // 8, ASM)
+    if FOLDS >= 5:
+        v = _fold_columns(v, BLOCK_M, BLOCK_N // 16, ASM)
     return _abs_max(v.to(tl.float32), 1, False)
 
 
@@ -185,6 +189,7 @@ def _moe_down_proj_kernel(
     ROW_NORMS: tl.constexpr,
     USE_TMA: tl.constexpr,
     PACKED_MAX: tl.constexpr,
+    FOLDS: tl.constexpr,
     W_TRANSPOSED: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -285,7 +290,7 @@ def _moe_down_proj_kernel(
             # of y). Columns past H hold 0 (their w was zero-filled); rows past the expert
             # are masked per row.
             if PACKED_MAX:
-                row_max = _row_abs_max_packed(y, BLOCK_M, BLOCK_N)
+                row_max = _row_abs_max_packed(y, BLOCK_M, BLOCK_N, FOLDS, not UPCAST)
             else:
                 row_max = _abs_max(acc, 1, UPCAST)
             row_bits = tl.where(row_mask, _value_bits(row_max, OUT), 0)
@@ -296,12 +301,16 @@ def _moe_down_proj_kernel(
                               mask=cols < tl.where(routed, hidden, 0), sem="relaxed")
             if not PACKED_MAX:
                 x_run = tl.abs(x_run.to(tl.float32))
-            for k0 in range(kx + num_n * BLOCK_K, k_end, num_n * BLOCK_K):
+            # Two tiles per trip: their loads are in flight together.
+            step = num_n * BLOCK_K
+            for k0 in range(kx + step, k_end, 2 * step):
                 a = tl.load(x_tile + (x_offsets + k0 * stride_xk), mask=x_rows & (ks < inter - k0)[None, :], other=0.0)
+                b = tl.load(x_tile + (x_offsets + (k0 + step) * stride_xk),
+                            mask=x_rows & (ks < k_end - k0 - step)[None, :], other=0.0)
                 if PACKED_MAX:
-                    x_run = _packed_abs_max(x_run, a)
+                    x_run = _packed_abs_max(x_run, _packed_abs_max(a, b, not UPCAST), not UPCAST)
                 else:
-                    x_run = _max_nan(x_run, tl.abs(a.to(tl.float32)))
+                    x_run = _max_nan(x_run, _max_nan(tl.abs(a.to(tl.float32)), tl.abs(b.to(tl.float32))))
             x_bits = tl.max(_abs_max(x_run.to(tl.float32), 1, UPCAST).to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
             tl.atomic_max(in_bits_ptr + e, x_bits, mask=kx < k_end, sem="relaxed")
 
@@ -504,6 +513,15 @@ def packed_max_arch(arch: int, dtype: torch.dtype) -> bool:
     return arch >= 86 and dtype in (torch.float16, torch.bfloat16)
 
 
+def column_folds(cfg: dict) -> int:
+    """In-thread folds of a row's columns for `_row_abs_max_packed`: the column groups of 8 that
+    one warp's MMA fragment holds, ``BLOCK_N / warps along N / 8`` (halved per fold). Warps
+    go along M first, one per 16 rows (Triton's MMA warp layouts)."""
+    warps_m = min(cfg["num_warps"], max(1, cfg["BLOCK_M"] // 16))
+    groups = cfg["BLOCK_N"] // (cfg["num_warps"] // warps_m) // 8
+    return max(0, min(5, groups.bit_length() - 1))
+
+
 def tma_applies(x: torch.Tensor, w_down: torch.Tensor, arch: int) -> bool:
     """`tma_arch`, and x and w as TMA takes them: unit innermost strides, 16-byte aligned
     bases and outer strides."""
@@ -588,6 +606,7 @@ def _launch(x, w_down, offsets, bias, y, key, in_bits, chan_bits, sq, w_transpos
         ROW_NORMS=row_norms,
         USE_TMA=use_tma,
         PACKED_MAX=packed_max_arch(arch, x.dtype),
+        FOLDS=column_folds(cfg),
         W_TRANSPOSED=w_transposed,
         UPCAST=upcast,
         DOT_PRECISION="ieee" if upcast or x.dtype == torch.float32 else "tf32",
