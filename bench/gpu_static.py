@@ -4,23 +4,27 @@ Compiles both Triton kernels for sm_90 at the benchmark shapes (those of
 ``bench_down_proj.py`` and ``bench_sink_attention.py``), reads the artifacts
 (`superexperts_kernels._triton.offline`) and prints per shape: the config, registers,
 spills, shared memory, shared-memory buffers per pipelined operand, CTAs per SM, the
-instructions present (wgmma, TMA, mma.sync), and a roofline estimate on an H100 SXM
-(989 TFLOP/s dense bf16, 3.35 TB/s HBM3, 132 SMs):
+instructions present (wgmma, TMA, mma.sync), and a model of an H100 SXM (989 TFLOP/s dense
+bf16, 3.35 TB/s HBM3, 132 SMs at 1.83 GHz):
 
 - ``floor_us``: max(FLOPs / peak, compulsory HBM bytes / bandwidth);
-- ``est_us``: the time the tiling allows: tiles padded to whole blocks (row tails per
-  expert, causal diagonal blocks), spread over SMs x CTAs/SM (the persistent down_proj
-  grid takes tiles round-robin; attention programs go heaviest first, simulated as
-  longest-processing-time scheduling), each SM at peak; never below the HBM time;
-- ``floor_frac``: floor / est, the fraction of the roofline the tiling leaves reachable;
-- ``stats_overhead_est``: the extra SASS instructions of the statistics (down_proj; the
-  sink for attention), issued by the CTA's warps at 4 warp-instructions per cycle per SM,
-  over the cycles of one tile at peak. An estimate, not a measurement.
+- down_proj, per variant (statistics off, on, with row norms), the cycles of one output tile
+  on its SM: the K loop at the tensor-core rate (its own instructions issue under the
+  asynchronous wgmma), plus the instructions of the tile loop outside the K loop, issued by
+  the CTA's warps at 4 warp-instructions per cycle (`offline.loop_profile`: SASS counted per
+  loop and multiplied by the loop's trips, not the static total), plus an L2 round trip
+  (``L2_HIT_CYCLES``, assumed) per trip of the x-pass loop (its first tile is loaded before
+  the epilogue and hidden by it; the loop loads two at a time). With one CTA per SM nothing overlaps the epilogue; with more,
+  the other CTAs' MMAs do. ``est_us = max(HBM time, the busiest SM's tiles)``;
+- ``stats_overhead_est``: est with statistics / est without - 1: what the statistics cost
+  where HBM or the SMs bind; ``stats_overhead_bound``: the extra cycles of a tile over the
+  tile without statistics, the cost if the kernel were bound by its SMs alone;
+- attention: ``est_us`` from heaviest-first scheduling of the query blocks at peak.
 
 These are estimates: ``bench_down_proj.py`` and ``bench_sink_attention.py`` measure on a GPU.
 
-    python bench/gpu_static.py                 # writes bench/results/gpu_static_sm90.json
-    python bench/gpu_static.py --all-configs   # also every config that ships in configs/ (slow)
+    python -m bench.gpu_static                  # writes bench/results/gpu_static_sm90.json
+    python -m bench.gpu_static --all-configs    # also every config that ships in configs/ (slow)
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import heapq
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -38,71 +41,92 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS_DIR, machine, print_table  # noqa: E402
-from bench_down_proj import SHAPES, routed_inputs  # noqa: E402
-from bench_sink_attention import HEAD_DIM, HEADS, KV_HEADS  # noqa: E402
+from ._common import RESULTS_DIR, machine, print_table  # noqa: E402
+from .bench_down_proj import SHAPES, routed_inputs  # noqa: E402
+from .bench_sink_attention import HEAD_DIM, HEADS, KV_HEADS  # noqa: E402
 
 H100 = {"name": "NVIDIA H100 80GB HBM3", "tflops": 989.0, "hbm_tbs": 3.35, "sms": 132, "clock_ghz": 1.83}
 ARCH = 90
+# An L2 hit as seen by one warp, in SM cycles: microbenchmarks of H100 report a few hundred
+# (an assumption of this model, not a measurement made here).
+L2_HIT_CYCLES = 300
+ISSUE_PER_CYCLE = 4  # warp-instructions per SM per cycle: 4 schedulers
 
 
 def _sm_flops_per_cycle() -> float:
     return H100["tflops"] * 1e12 / H100["sms"] / (H100["clock_ghz"] * 1e9)
 
 
-def _overhead(extra_instructions: int, num_warps: int, tile_flops: float, ctas: int) -> float:
-    """Issue cycles of `extra_instructions` per warp of a CTA over the cycles of its tile."""
-    issue = extra_instructions * num_warps / 4.0
-    tile_cycles = tile_flops * ctas / _sm_flops_per_cycle()
-    return issue / tile_cycles
-
-
 def _instructions(r: dict) -> str:
     return ",".join(k for k in ("wgmma", "tma", "mma_sync", "cp_async") if r[k]) or "-"
 
 
+def x_pass_trips(k_steps: int, n_tiles: int) -> float:
+    """Mean trips of the x-pass loop per tile: program (m, n) reduces the x tiles n, n + N, ...
+    of its K steps, the first one loaded before the loop, then two per trip."""
+    return sum(math.ceil(max(math.ceil((k_steps - n) / n_tiles) - 1, 0) / 2) for n in range(n_tiles)) / n_tiles
+
+
+def tile_cycles(r: dict, cfg: dict, k_steps: int, x_trips: float) -> dict:
+    """SM cycles of one ``BLOCK_M x BLOCK_N`` tile of a compiled variant (see the module
+    docstring): ``{"mma", "issue", "latency", "total"}``, per CTA slot of the SM."""
+    loops, warps, ctas = r["loops"], cfg["num_warps"], r["ctas_per_sm"]
+    mma = 2.0 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["BLOCK_K"] * k_steps / _sm_flops_per_cycle()
+    k_issue = loops["k_loop"] * k_steps * warps / ISSUE_PER_CYCLE
+    issue = (loops["tile_body"] + sum(loops["other_loops"]) * x_trips) * warps / ISSUE_PER_CYCLE
+    latency = (L2_HIT_CYCLES * x_trips) if loops["other_loops"] else 0.0
+    if ctas == 1:
+        total = max(mma, k_issue) + issue + latency
+    else:  # the SM's other CTAs keep its tensor cores busy through this one's epilogue
+        total = max(mma, k_issue + issue, (mma + issue + latency) / ctas)
+    return {"mma": mma, "issue": issue, "latency": latency, "total": total}
+
+
 def down_proj_rows(tokens: int, config_for) -> list[dict]:
-    from superexperts_kernels._triton import down_proj, offline
+    from superexperts_kernels._triton import offline
 
     rows = []
     for name, (experts, hidden, inter, top_k) in SHAPES.items():
         counts = routed_inputs(experts, 16, 16, top_k, tokens, torch.bfloat16, torch.device("cpu"))[3].tolist()
         total = sum(counts)
         cfg = config_for(total, experts, hidden, inter)
-        off = offline.compile_and_analyze(offline.down_proj_kernel_args(torch.bfloat16, cfg, with_stats=False), ARCH)
-        spec = offline.down_proj_kernel_args(torch.bfloat16, cfg, with_stats=True)
-        spec["maxnreg"] = down_proj.stats_register_cap(off["registers"])
-        on = offline.compile_and_analyze(spec, ARCH)
-        chan = offline.compile_and_analyze(offline.down_proj_kernel_args(torch.bfloat16, cfg, with_stats=True, channel_stats=True), ARCH)
+        got = offline.compile_down_proj(torch.bfloat16, cfg, ARCH)
 
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         flops = 2.0 * total * hidden * inter
         active = sum(1 for c in counts if c)
-        hbm = 2.0 * (total * inter + active * hidden * inter + total * hidden)
-        floor = max(flops / (H100["tflops"] * 1e12), hbm / (H100["hbm_tbs"] * 1e12))
-        n_tiles = math.ceil(hidden / bn)
+        hbm = 2.0 * (total * inter + active * hidden * inter + total * hidden) / (H100["hbm_tbs"] * 1e12)
+        floor = max(flops / (H100["tflops"] * 1e12), hbm)
+        n_tiles, k_steps = math.ceil(hidden / bn), math.ceil(inter / bk)
         tiles = sum(math.ceil(c / bm) for c in counts) * n_tiles
-        tile_flops = 2.0 * bm * bn * math.ceil(inter / bk) * bk
-        programs = H100["sms"] * on["ctas_per_sm"]
-        per_program = math.ceil(tiles / programs)
-        compute = per_program * tile_flops * on["ctas_per_sm"] / (_sm_flops_per_cycle() * H100["clock_ghz"] * 1e9)
-        est = max(compute, hbm / (H100["hbm_tbs"] * 1e12))
-        # The x pass of a tile: ceil(K tiles / N tiles) loads of [BM, BK] after the epilogue.
-        extra = on["sass_instructions"] - off["sass_instructions"]
+        trips = x_pass_trips(k_steps, n_tiles)
+        est, cycles = {}, {}
+        for variant, r in got.items():
+            ctas = r["ctas_per_sm"]
+            cycles[variant] = tile_cycles(r, cfg, k_steps, trips)
+            per_program = math.ceil(tiles / (H100["sms"] * ctas))
+            sm_time = per_program * cycles[variant]["total"] * ctas / (H100["clock_ghz"] * 1e9)
+            est[variant] = max(sm_time, hbm)
+        off, on, chan, norms = (got[v] for v in ("off", "stats", "channels", "norms"))
         rows.append({
             "kernel": "down_proj", "shape": name, "rows": total,
             "config": f"{bm}x{bn}x{bk} w{cfg['num_warps']} s{cfg['num_stages']} g{cfg.get('GROUP_M', 1)}",
-            "regs_off/on/chan": f"{off['registers']}/{on['registers']}/{chan['registers']}",
-            "spills": off["spill_bytes"] + on["spill_bytes"] + chan["spill_bytes"],
+            "regs_off/on/chan/norms": "/".join(str(got[v]["registers"]) for v in ("off", "stats", "channels", "norms")),
+            "spills": sum(r["spill_bytes"] for r in got.values()),
             "smem_KB": off["shared_bytes"] / 1024,
             "buffers_off/on": f"{[b['buffers'] for b in off['buffers']]}/{[b['buffers'] for b in on['buffers']]}",
-            "ctas_per_sm": on["ctas_per_sm"],
+            "ctas_per_sm": "/".join(str(got[v]["ctas_per_sm"]) for v in ("off", "stats", "channels", "norms")),
             "instructions": _instructions(on),
-            "fences": on["gpu_fences"],
-            "floor_us": floor * 1e6, "est_us": est * 1e6, "floor_frac": floor / est,
-            "waves": tiles / programs,
-            "stats_overhead_est": _overhead(extra, cfg["num_warps"], tile_flops, on["ctas_per_sm"]),
+            "fences": on["gpu_fences"] + chan["gpu_fences"] + norms["gpu_fences"],
+            "tile_issue_off/on/norms": "/".join(f"{cycles[v]['issue']:.0f}" for v in ("off", "stats", "norms")),
+            "tile_mma_cycles": cycles["off"]["mma"],
+            "x_pass_trips": trips,
+            "floor_us": floor * 1e6, "est_us": est["off"] * 1e6, "floor_frac": floor / est["off"],
+            "waves": tiles / (H100["sms"] * off["ctas_per_sm"]),
+            "stats_overhead_est": est["stats"] / est["off"] - 1,
+            "stats_overhead_bound": cycles["stats"]["total"] / cycles["off"]["total"] - 1,
+            "norms_overhead_est": est["norms"] / est["off"] - 1,
+            "channels_overhead_est": est["channels"] / est["off"] - 1,
         })
     return rows
 
@@ -152,7 +176,8 @@ def attention_rows(seq_lens: list[int]) -> list[dict]:
 
 
 def all_shipped_configs() -> list[dict]:
-    """Every config in configs/*.json compiled for its GPU's arch, stats on: spills, CTAs/SM."""
+    """Every config in configs/*.json compiled for its GPU's arch in every variant (as the
+    launcher caps them): registers, spills, CTAs/SM."""
     from superexperts_kernels._triton import down_proj, offline
 
     out, seen = [], set()
@@ -165,14 +190,9 @@ def all_shipped_configs() -> list[dict]:
             if key in seen:
                 continue
             seen.add(key)
-            off = offline.compile_and_analyze(offline.down_proj_kernel_args(torch.bfloat16, cfg, with_stats=False), arch)
-            spec = offline.down_proj_kernel_args(torch.bfloat16, cfg, with_stats=True)
-            spec["maxnreg"] = down_proj.stats_register_cap(off["registers"])
-            on = offline.compile_and_analyze(spec, arch)
-            chan = offline.compile_and_analyze(offline.down_proj_kernel_args(torch.bfloat16, cfg, with_stats=True, channel_stats=True), arch)
-            out.append({"file": path.name, "arch": arch, "config": cfg, "regs_off/on/chan": [off["registers"], on["registers"], chan["registers"]],
-                        "spills": [off["spill_bytes"], on["spill_bytes"], chan["spill_bytes"]],
-                        "ctas_per_sm": [off["ctas_per_sm"], on["ctas_per_sm"], chan["ctas_per_sm"]]})
+            got = offline.compile_down_proj(torch.bfloat16, cfg, arch)
+            out.append({"file": path.name, "arch": arch, "config": cfg,
+                        **{k: {v: r[k] for v, r in got.items()} for k in ("registers", "spill_bytes", "ctas_per_sm")}})
             print(out[-1], flush=True)
     return out
 
@@ -201,7 +221,11 @@ def main(argv=None):
         "machine": machine(),
         "triton": triton.__version__,
         "target": {"arch": ARCH, **H100},
-        "note": "estimates from compiled artifacts and a roofline model; no GPU ran",
+        "note": "estimates from compiled artifacts and a model; no GPU ran",
+        "model": {"l2_hit_cycles": L2_HIT_CYCLES, "issue_per_cycle": ISSUE_PER_CYCLE,
+                  "down_proj": "per tile: K loop at the tensor-core rate + tile-loop instructions outside it "
+                               "(per-loop SASS counts x trips) at 4 warp-instructions/cycle + one L2 hit per "
+                               "extra x-pass load; est = max(HBM time, busiest SM)"},
         "tokens": args.tokens,
         "down_proj": dp,
         "attention": att,

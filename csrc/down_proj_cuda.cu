@@ -10,6 +10,11 @@
 //
 // Max |y| is reduced with atomicMax on the fp32 bits: |y| >= 0, so its bits order like the
 // values, and a NaN (bits above +inf) wins, as it does in torch.max.
+//
+// With a row weight g, the stats kernel also sums per expert g[r] * ||y[r]||_2 (the row as
+// written, squares summed in fp32; atomicAdd across rows, so the order of the sum varies).
+// The op's schema (csrc/ops.cpp) does not have `row_weight` and `norm_sum` yet: the kernel
+// registered under it runs `down_proj_with_norm_sum` without a weight and drops the zero sum.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -40,10 +45,11 @@ __global__ void row_stats_kernel(scalar_t* __restrict__ y, const scalar_t* __res
                                  const int64_t* __restrict__ ends, int64_t num_experts, int64_t hidden,
                                  int64_t inter, bool with_stats, float* __restrict__ row_max,
                                  int64_t* __restrict__ row_channel, unsigned* out_bits, unsigned* in_bits,
-                                 unsigned* chan_bits) {
+                                 unsigned* chan_bits, const float* __restrict__ row_weight, float* norm_sum) {
   __shared__ unsigned s_bits[kThreads];
   __shared__ int64_t s_channel[kThreads];
   __shared__ unsigned s_in[kThreads];
+  __shared__ float s_sq[kThreads];
   const int64_t row = blockIdx.x;
   if (row >= ends[num_experts - 1]) {
     for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) y[row * hidden + c] = scalar_t(0);
@@ -54,12 +60,15 @@ __global__ void row_stats_kernel(scalar_t* __restrict__ y, const scalar_t* __res
 
   unsigned best = 0;
   int64_t best_c = hidden;
+  float sq = 0.f;
   for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
-    const unsigned bits = __float_as_uint(fabsf(static_cast<float>(y[row * hidden + c])));
+    const float v = static_cast<float>(y[row * hidden + c]);
+    const unsigned bits = __float_as_uint(fabsf(v));
     if (bits > best || best_c == hidden) {
       best = bits;
       best_c = c;
     }
+    sq = fmaf(v, v, sq);
     if (chan_bits) atomicMax(chan_bits + e * hidden + c, bits);
   }
   unsigned in_best = 0;
@@ -69,6 +78,7 @@ __global__ void row_stats_kernel(scalar_t* __restrict__ y, const scalar_t* __res
   s_bits[threadIdx.x] = best;
   s_channel[threadIdx.x] = best_c;
   s_in[threadIdx.x] = in_best;
+  s_sq[threadIdx.x] = sq;
   __syncthreads();
   for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) {
@@ -80,6 +90,7 @@ __global__ void row_stats_kernel(scalar_t* __restrict__ y, const scalar_t* __res
         s_channel[threadIdx.x] = s_channel[other];
       }
       s_in[threadIdx.x] = max(s_in[threadIdx.x], s_in[other]);
+      s_sq[threadIdx.x] += s_sq[other];
     }
     __syncthreads();
   }
@@ -88,6 +99,7 @@ __global__ void row_stats_kernel(scalar_t* __restrict__ y, const scalar_t* __res
     row_channel[row] = s_channel[0];
     atomicMax(out_bits + e, s_bits[0]);
     atomicMax(in_bits + e, s_in[0]);
+    if (row_weight) atomicAdd(norm_sum + e, row_weight[row] * sqrtf(s_sq[0]));
   }
 }
 
@@ -120,11 +132,20 @@ void per_expert_gemms(const at::Tensor& xc, const at::Tensor& w_down, const std:
   }
 }
 
-DownProjOutputs moe_down_proj_profile_cuda(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& offsets,
-                                           const std::optional<at::Tensor>& bias,
-                                           const std::optional<at::Tensor>& row_token, bool w_transposed,
-                                           bool channel_stats, bool with_stats) {
+// The op's outputs and norm_sum [E] fp32.
+using DownProjNormOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+DownProjNormOutputs down_proj_with_norm_sum(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& offsets,
+                                            const std::optional<at::Tensor>& bias,
+                                            const std::optional<at::Tensor>& row_token, bool w_transposed,
+                                            bool channel_stats, bool with_stats,
+                                            const std::optional<at::Tensor>& row_weight) {
   const int64_t hidden = check_down_proj_args(x, w_down, offsets, bias, row_token, w_transposed);
+  if (row_weight) {  // as `_validate` in superexperts_kernels/moe_down_proj_profile.py
+    check_tensor(kDownProjOp, "row_weight", *row_weight, 1, {at::kFloat}, &x);
+    check_dim(kDownProjOp, "row_weight", *row_weight, 0, x.size(0), "the number of rows x.shape[0]");
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t num_rows = x.size(0), num_experts = w_down.size(0);
   const auto dev = x.options();
@@ -135,7 +156,11 @@ DownProjOutputs moe_down_proj_profile_cuda(const at::Tensor& x, const at::Tensor
   at::Tensor out_argmax = at::full({num_experts, 2}, -1, dev.dtype(at::kLong));
   at::Tensor in_absmax = at::zeros({num_experts}, f32);
   at::Tensor channel_absmax = at::zeros({num_experts, channel_stats ? hidden : 0}, f32);
-  if (num_rows == 0) return {x.new_empty({0, hidden}), out_absmax, out_argmax, in_absmax, rows, channel_absmax};
+  at::Tensor norm_sum = at::zeros({num_experts}, f32);
+  if (num_rows == 0) {
+    return {x.new_empty({0, hidden}), out_absmax, out_argmax, in_absmax, rows, channel_absmax, norm_sum};
+  }
+  const at::Tensor weight = row_weight && with_stats ? row_weight->contiguous() : at::Tensor();
 
   const at::Tensor xc = x.contiguous();
   at::Tensor y;
@@ -159,10 +184,11 @@ DownProjOutputs moe_down_proj_profile_cuda(const at::Tensor& x, const at::Tensor
         y.data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), ends_dev.const_data_ptr<int64_t>(),
         num_experts, hidden, x.size(1), with_stats, row_max.data_ptr<float>(), row_channel.data_ptr<int64_t>(),
         reinterpret_cast<unsigned*>(out_bits.data_ptr<int>()), reinterpret_cast<unsigned*>(in_bits.data_ptr<int>()),
-        channel_stats ? reinterpret_cast<unsigned*>(chan_bits.data_ptr<int>()) : nullptr);
+        channel_stats ? reinterpret_cast<unsigned*>(chan_bits.data_ptr<int>()) : nullptr,
+        weight.defined() ? weight.const_data_ptr<float>() : nullptr, norm_sum.data_ptr<float>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (!with_stats) return {y, out_absmax, out_argmax, in_absmax, rows, channel_absmax};
+  if (!with_stats) return {y, out_absmax, out_argmax, in_absmax, rows, channel_absmax, norm_sum};
   first_row_kernel<<<(num_rows + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
       row_max.const_data_ptr<float>(), ends_dev.const_data_ptr<int64_t>(), num_experts, num_rows,
       reinterpret_cast<const unsigned*>(out_bits.const_data_ptr<int>()),
@@ -177,7 +203,17 @@ DownProjOutputs moe_down_proj_profile_cuda(const at::Tensor& x, const at::Tensor
   out_absmax.copy_(out_bits.view(at::kFloat));
   in_absmax.copy_(in_bits.view(at::kFloat));
   if (channel_stats) channel_absmax.copy_(chan_bits.view(at::kFloat));
-  return {y, out_absmax, out_argmax, in_absmax, rows, channel_absmax};
+  return {y, out_absmax, out_argmax, in_absmax, rows, channel_absmax, norm_sum};
+}
+
+// The kernel of the current schema: no row weight, norm_sum dropped.
+DownProjOutputs moe_down_proj_profile_cuda(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& offsets,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& row_token, bool w_transposed,
+                                           bool channel_stats, bool with_stats) {
+  const DownProjNormOutputs out = down_proj_with_norm_sum(x, w_down, offsets, bias, row_token, w_transposed,
+                                                          channel_stats, with_stats, std::nullopt);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out), std::get<5>(out)};
 }
 
 }  // namespace

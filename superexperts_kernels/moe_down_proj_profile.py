@@ -29,11 +29,22 @@ _NAME = f"superexperts.{OP}"
 
 IMPLEMENTATIONS = OpTable(
     OP,
-    defaults={"with_stats": True},
-    reference=Impl("superexperts_kernels.reference.down_proj:moe_down_proj_profile_reference", options=("with_stats",)),
-    triton=Impl("superexperts_kernels._triton.down_proj:moe_down_proj_profile_triton", options=("with_stats",)),
-    native=Impl("torch:ops.superexperts.moe_down_proj_profile_native", native.DEVICE_TYPES[OP], ("with_stats",)),
+    defaults={"with_stats": True, "row_weight": None},
+    reference=Impl(
+        "superexperts_kernels.reference.down_proj:moe_down_proj_profile_reference", options=("with_stats", "row_weight")
+    ),
+    triton=Impl("superexperts_kernels._triton.down_proj:moe_down_proj_profile_triton", options=("with_stats", "row_weight")),
+    # The native schema (csrc/ops.cpp) has no `row_weight` and no `norm_sum` yet: calls with a
+    # `row_weight` go to the other backends.
+    native=Impl("superexperts_kernels.moe_down_proj_profile:_native", native.DEVICE_TYPES[OP], ("with_stats",)),
 )
+
+
+def _native(*args, **options):
+    """``torch.ops.superexperts.moe_down_proj_profile_native``: its six outputs and a zero
+    ``norm_sum`` (right for the calls it serves: those without `row_weight`)."""
+    out = torch.ops.superexperts.moe_down_proj_profile_native(*args, **options)
+    return (*out, torch.zeros_like(out[1]))
 
 
 class DownProjProfile(NamedTuple):
@@ -43,7 +54,8 @@ class DownProjProfile(NamedTuple):
     out_argmax: ``[E, 2]`` int64 (row, or token position when `row_token` is given;
     channel) of that max, -1 for experts without rows. in_absmax: ``[E]`` fp32 max |x|.
     rows: ``[E]`` int64 rows routed to each expert. channel_absmax: ``[E, H]`` fp32
-    (``[E, 0]`` unless `channel_stats`).
+    (``[E, 0]`` unless `channel_stats`). norm_sum: ``[E]`` fp32, ``sum over the rows r of
+    expert e of row_weight[r] * ||y[r]||_2`` (zeros without `row_weight` or stats).
     """
 
     y: torch.Tensor
@@ -52,9 +64,10 @@ class DownProjProfile(NamedTuple):
     in_absmax: torch.Tensor
     rows: torch.Tensor
     channel_absmax: torch.Tensor
+    norm_sum: torch.Tensor
 
 
-def _validate(x, w_down, offsets, bias, row_token, w_transposed) -> int:
+def _validate(x, w_down, offsets, bias, row_token, w_transposed, row_weight=None) -> int:
     """Check shapes, dtypes and devices; return H."""
     check_tensor(_NAME, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
     dev = x.device
@@ -77,6 +90,9 @@ def _validate(x, w_down, offsets, bias, row_token, w_transposed) -> int:
     if row_token is not None:
         check_tensor(_NAME, "row_token", row_token, ndim=1, dtypes=INDEX_DTYPES, device=dev)
         check_dim(_NAME, "row_token", row_token, 0, x.shape[0], "the number of rows x.shape[0]")
+    if row_weight is not None:
+        check_tensor(_NAME, "row_weight", row_weight, ndim=1, dtypes=(torch.float32,), device=dev)
+        check_dim(_NAME, "row_weight", row_weight, 0, x.shape[0], "the number of rows x.shape[0]")
     return hidden_size
 
 
@@ -91,13 +107,15 @@ def _moe_down_proj_profile_op(
     channel_stats: bool = False,
     with_stats: bool = True,
     check_offsets: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _validate(x, w_down, offsets, bias, row_token, w_transposed)
+    row_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _validate(x, w_down, offsets, bias, row_token, w_transposed, row_weight)
     if check_offsets:
         check_offsets_values(_NAME, offsets, x.shape[0])
     return tuple(
         IMPLEMENTATIONS(
-            x.device.type, x, w_down, offsets, bias, row_token, w_transposed, channel_stats, with_stats=with_stats
+            x.device.type, x, w_down, offsets, bias, row_token, w_transposed, channel_stats, with_stats=with_stats,
+            row_weight=row_weight,
         )
     )
 
@@ -105,10 +123,10 @@ def _moe_down_proj_profile_op(
 @_moe_down_proj_profile_op.register_fake
 def fake_outputs(
     x, w_down, offsets, bias=None, row_token=None, w_transposed=False, channel_stats=False, with_stats=True,
-    check_offsets=True,
+    check_offsets=True, row_weight=None,
 ):
-    """Validated empty outputs of the right shapes; also the fake of the native op."""
-    hidden = _validate(x, w_down, offsets, bias, row_token, w_transposed)
+    """Validated empty outputs of the right shapes."""
+    hidden = _validate(x, w_down, offsets, bias, row_token, w_transposed, row_weight)
     num_experts = w_down.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
     return (
@@ -118,11 +136,16 @@ def fake_outputs(
         torch.empty(num_experts, **f32),
         torch.empty(num_experts, dtype=torch.int64, device=x.device),
         torch.empty(num_experts, hidden if channel_stats else 0, **f32),
+        torch.empty(num_experts, **f32),
     )
 
 
 if native.BUILT:
-    torch.library.register_fake("superexperts::moe_down_proj_profile_native")(fake_outputs)
+
+    @torch.library.register_fake("superexperts::moe_down_proj_profile_native")
+    def _native_fake(x, w_down, offsets, bias=None, row_token=None, w_transposed=False, channel_stats=False,
+                     with_stats=True):
+        return fake_outputs(x, w_down, offsets, bias, row_token, w_transposed, channel_stats)[:6]
 
 _ARGUMENT_TYPES = ArgumentTypes(_NAME, torch.ops.superexperts.moe_down_proj_profile.default._schema)
 
@@ -138,6 +161,7 @@ def moe_down_proj_profile(
     channel_stats: bool = False,
     with_stats: bool = True,
     check_offsets: bool = True,
+    row_weight: torch.Tensor | None = None,
 ) -> DownProjProfile:
     """Grouped expert down projection ``y[r] = x[r] @ w_down[e(r)].T (+ bias[e(r)])`` with the
     per-expert statistics of the written ``y`` reduced in the same pass.
@@ -159,6 +183,12 @@ def moe_down_proj_profile(
         check_offsets: check the values of `offsets` (see below). Callers that build
             `offsets` as a cumulative sum of row counts (the transformers integration does)
             pass False and keep the call free of host syncs.
+        row_weight: optional ``[S]`` fp32 routing weight ``g`` of each row. With it (and
+            `with_stats`), ``norm_sum[e]`` is the sum over the rows ``r`` of expert ``e`` of
+            ``row_weight[r] * ||y[r]||_2``, the norm of the row as written (in y's dtype,
+            upcast to fp32, squares summed in fp32; a NaN in y makes its expert's sum NaN).
+            Without it ``norm_sum`` is zeros. The native backend does not take it yet: such
+            calls run on Triton (CUDA) or the reference (CPU).
 
     What is checked, and when: the Python types of the arguments here; the ranks, dtypes,
     devices and sizes on every call of the op (no device access); the values of `offsets`
@@ -168,7 +198,10 @@ def moe_down_proj_profile(
 
     Returns:
         `DownProjProfile`. The stats are exactly those of the values written to ``y``.
+        The Triton backend finds the channel of ``out_argmax`` by reading back the one row of
+        ``y`` that holds each expert's max (E x H values, against the S x H it writes), so
+        that its main kernel reduces no per-element index.
     """
-    args = (x, w_down, offsets, bias, row_token, w_transposed, channel_stats, with_stats, check_offsets)
+    args = (x, w_down, offsets, bias, row_token, w_transposed, channel_stats, with_stats, check_offsets, row_weight)
     _ARGUMENT_TYPES.check(args)
     return DownProjProfile(*torch.ops.superexperts.moe_down_proj_profile(*args))

@@ -39,6 +39,21 @@ def make_inputs(counts, hidden, inter, tail, dtype, device, *, bias=False, trans
     return x.to(**to), w.to(**to), offsets.to(device), (b.to(**to) if bias else None)
 
 
+def row_weights(num_rows, device, seed=0):
+    """``[S]`` fp32 routing weights in [0, 1)."""
+    return torch.rand(num_rows, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def norm_sum_of(y, row_weight, counts):
+    """Per expert, sum of row_weight * ||y row||_2 over its rows, from the given y, in float64."""
+    out, start = [], 0
+    for n in counts:
+        rows = y[start : start + n].cpu().double()
+        out.append(float((row_weight[start : start + n].cpu().double() * rows.square().sum(1).sqrt()).sum()))
+        start += n
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def stats_of(y, x, offsets, hidden):
     """Per-expert stats of given y and x by brute force (first occurrence wins ties)."""
     ends = offsets.tolist()
@@ -82,8 +97,10 @@ def test_matches_reference(backend, dtype, case):
     _, counts, hidden, inter, tail = case
     device = KERNEL_DEVICE if backend == "triton" else "cpu"
     x, w, offsets, _ = make_inputs(counts, hidden, inter, tail, dtype, device)
-    out = run(backend, device, x, w, offsets, channel_stats=True)
-    ref = moe_down_proj_profile_reference(x.cpu(), w.cpu(), offsets.cpu(), None, None, False, True)
+    row_weight = row_weights(x.shape[0], device)
+    out = run(backend, device, x, w, offsets, channel_stats=True, row_weight=row_weight)
+    ref = moe_down_proj_profile_reference(x.cpu(), w.cpu(), offsets.cpu(), None, None, False, True,
+                                          row_weight=row_weight.cpu())
 
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(out.y.cpu().float(), ref[0].float(), rtol=rtol, atol=atol)
@@ -109,6 +126,13 @@ def test_matches_reference(backend, dtype, case):
     torch.testing.assert_close(out.out_absmax.cpu(), ref[1], rtol=rtol, atol=atol)
     assert torch.equal(out.in_absmax.cpu(), ref[3])
 
+    # norm_sum: of the written y (fp32 sums), and within dtype tolerance of the reference's;
+    # 0 for experts without rows.
+    assert out.norm_sum.dtype == torch.float32 and out.norm_sum.shape == (len(counts),)
+    torch.testing.assert_close(out.norm_sum.cpu().double(), norm_sum_of(out.y, row_weight, counts), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.norm_sum.cpu(), ref[6], rtol=rtol, atol=atol)
+    assert all(out.norm_sum[e] == 0 for e, n in enumerate(counts) if n == 0)
+
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -117,7 +141,8 @@ def test_bias_transposed_row_token(backend, dtype):
     device = KERNEL_DEVICE if backend == "triton" else "cpu"
     x, w_t, offsets, bias = make_inputs(counts, hidden, inter, tail, dtype, device, bias=True, transposed=True)
     row_token = torch.randperm(x.shape[0]).to(device)
-    out = run(backend, device, x, w_t, offsets, bias, row_token, w_transposed=True)
+    row_weight = row_weights(x.shape[0], device, seed=3)
+    out = run(backend, device, x, w_t, offsets, bias, row_token, w_transposed=True, row_weight=row_weight)
     plain = run(backend, device, x, w_t.transpose(1, 2).contiguous(), offsets, bias)
     ref = moe_down_proj_profile_reference(x.cpu(), w_t.cpu(), offsets.cpu(), bias.cpu(), None, True, False)
 
@@ -131,6 +156,8 @@ def test_bias_transposed_row_token(backend, dtype):
     assert torch.equal(out.out_argmax[:, 0].cpu(), expected_token)
     assert torch.equal(out.out_argmax[:, 1].cpu(), argmax[:, 1])
     assert out.channel_absmax.shape == (len(counts), 0)
+    torch.testing.assert_close(out.norm_sum.cpu().double(), norm_sum_of(out.y, row_weight, counts), rtol=1e-5, atol=1e-5)
+    assert torch.all(plain.norm_sum == 0)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -169,22 +196,28 @@ def test_ties_pick_first_occurrence(backend):
 def test_opcheck(backend):
     device = KERNEL_DEVICE if backend == "triton" else "cpu"
     x, w, offsets, bias = make_inputs([3, 0, 9, 1], 16, 24, 2, torch.float32, device, bias=True)
+    op = torch.ops.superexperts.moe_down_proj_profile.default
     with sk.use_backend(OP, torch.device(device).type, backend):
-        torch.library.opcheck(torch.ops.superexperts.moe_down_proj_profile.default, (x, w, offsets, bias, None, False, True))
-        torch.library.opcheck(torch.ops.superexperts.moe_down_proj_profile.default, (x, w, offsets))
+        torch.library.opcheck(op, (x, w, offsets, bias, None, False, True))
+        torch.library.opcheck(op, (x, w, offsets))
+        torch.library.opcheck(op, (x, w, offsets, bias, None, False, False, True, True, row_weights(x.shape[0], device)))
 
 
 def test_torch_compile_fullgraph():
     x, w, offsets, _ = make_inputs([3, 0, 9, 1], 16, 24, 2, torch.float32, "cpu")
+    row_weight = row_weights(x.shape[0], "cpu")
 
-    def f(x, w, offsets):
+    def f(x, w, offsets, row_weight):
         out = torch.ops.superexperts.moe_down_proj_profile(x, w, offsets, None, None, False, False)
-        return out[0] * 2, out[1].max(), out[2]
+        weighted = torch.ops.superexperts.moe_down_proj_profile(
+            x, w, offsets, None, None, False, False, True, False, row_weight
+        )
+        return out[0] * 2, out[1].max(), out[2], weighted[6] + 1
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
-    got = compiled(x, w, offsets)
-    want = f(x, w, offsets)
+    got = compiled(x, w, offsets, row_weight)
+    want = f(x, w, offsets, row_weight)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 
@@ -233,6 +266,42 @@ def test_bad_input_through_torch_ops():
             torch.ops.superexperts.moe_down_proj_profile(*args)
 
 
+def test_bad_row_weight_raises_naming_it():
+    x, w, offsets, _ = make_inputs([2, 3], 8, 12, 1, torch.float32, "cpu")
+    good = torch.ones(x.shape[0])
+    for exc, bad in [
+        (TypeError, good.half()),
+        (TypeError, good.to(torch.float64)),
+        (ValueError, good[:-1]),
+        (ValueError, good[:, None]),
+        (ValueError, good.to("meta")),
+    ]:
+        with pytest.raises(exc, match="`row_weight`"):
+            sk.moe_down_proj_profile(x, w, offsets, row_weight=bad)
+        with pytest.raises(exc, match="`row_weight`"):
+            torch.ops.superexperts.moe_down_proj_profile(x, w, offsets, None, None, False, False, True, True, bad)
+    with pytest.raises(TypeError, match="`row_weight` must be a torch.Tensor or None"):
+        sk.moe_down_proj_profile(x, w, offsets, row_weight=[1.0] * 6)
+
+
+@requires_native
+def test_row_weight_calls_skip_the_native_backend():
+    """The native kernels do not take `row_weight` yet: such calls run on the reference on CPU
+    (a warning says so once), and forcing native for them is an error naming the argument."""
+    from superexperts_kernels._backend import _warned
+
+    x, w, offsets, _ = make_inputs([2, 3], 8, 12, 1, torch.float32, "cpu")
+    row_weight = row_weights(x.shape[0], "cpu")
+    _warned.clear()
+    with pytest.warns(UserWarning, match="native backend cannot express `row_weight`"):
+        out = sk.moe_down_proj_profile(x, w, offsets, row_weight=row_weight)
+    torch.testing.assert_close(out.norm_sum.double(), norm_sum_of(out.y, row_weight, [2, 3]))
+    with sk.use_backend(OP, "cpu", "native"):
+        with pytest.raises(ValueError, match="does not support `row_weight`"):
+            sk.moe_down_proj_profile(x, w, offsets, row_weight=row_weight)
+        assert torch.all(sk.moe_down_proj_profile(x, w, offsets).norm_sum == 0)
+
+
 def test_backends_report():
     table = sk.backends()
     assert table[OP]["cpu"] in ("reference", "native", "triton")
@@ -254,6 +323,12 @@ def test_nan_is_the_max_at_its_first_occurrence(backend):
     assert out.out_absmax[0].item() == 19.0 and out.out_absmax[1].isnan()
     assert out.out_argmax.tolist() == [[0, 19], [4, 0]]
     assert out.in_absmax[1].isnan() and out.channel_absmax[1].isnan().all()
+    # A NaN in y makes its expert's norm_sum NaN, whatever the row's weight; the other expert
+    # keeps its finite sum.
+    row_weight = torch.tensor([0.5, 0.25, 1.0, 1.0, 0.0, 1.0], device=device)
+    weighted = run(backend, device, x.to(device), w.to(device), offsets.to(device), row_weight=row_weight)
+    assert weighted.norm_sum[1].isnan()
+    torch.testing.assert_close(weighted.norm_sum[0].cpu().double(), norm_sum_of(weighted.y, row_weight, [2])[0])
 
 
 def all_backend_params():
@@ -272,6 +347,10 @@ def test_without_stats_same_y_rows_counted_stats_empty(backend, dtype):
     assert torch.all(bare.out_absmax == 0) and torch.all(bare.in_absmax == 0)
     assert torch.all(bare.out_argmax == -1)
     assert bare.channel_absmax.shape == full.channel_absmax.shape and torch.all(bare.channel_absmax == 0)
+    assert torch.all(full.norm_sum == 0) and torch.all(bare.norm_sum == 0)  # no row_weight
+    if backend != "native":  # with row_weight but without stats: zeros too
+        weighted = run(backend, device, x, w, offsets, bias, with_stats=False, row_weight=row_weights(x.shape[0], device))
+        assert torch.equal(weighted.y, full.y) and torch.all(weighted.norm_sum == 0)
 
 
 def test_offsets_values_are_checked_unless_the_caller_opts_out(monkeypatch):

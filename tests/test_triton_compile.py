@@ -8,17 +8,21 @@ installed Triton and with Triton 3.7.1, which the CUDA wheel of torch 2.13 pins 
 ``pip install --target`` folder that ``.ci/run`` makes; skipped without it).
 
 down_proj, at the configs that ship for an H100 / A100 at 4096 tokens of Qwen3-30B-A3B,
-DeepSeek-V3 and Mixtral-8x7B:
+DeepSeek-V3 and Mixtral-8x7B, without statistics, with per-expert statistics, with channel
+statistics and with row norms (``row_weight``):
 
-- the pipeliner gives x and w ``num_stages`` shared-memory buffers each, with and without
-  statistics (an x tile with a second use got fewer buffers than stages: a race between
-  the cp.async of step i+2 and the wgmma of step i);
+- the pipeliner gives x and w ``num_stages`` shared-memory buffers each (``num_stages - 1``
+  on sm_80) in every variant (an x tile with a second use got fewer buffers than stages: a
+  race between the load of step i+2 and the wgmma of step i);
+- sm_90 loads x and w with TMA (``cp.async.bulk.tensor``, device-side tensor descriptors),
+  sm_80 with ``cp.async``;
 - with statistics: at most 16 registers more (the launcher caps them there, ``maxnreg``,
   from the same config without statistics) without spilling, and the same CTAs per SM
-  (from registers and shared memory); with channel statistics too (uncapped), the same
-  CTAs per SM; no spills anywhere;
+  (from registers and shared memory); with channel statistics or row norms, the same CTAs
+  per SM (capped at the most registers that keep them); no spills anywhere;
 - stats atomics are relaxed: no ``MEMBAR.*.GPU`` in the kernel; the tile reductions are
-  32-bit (no ``[BLOCK_M x BLOCK_N]`` i64 tensor in the TTGIR);
+  32-bit (no ``[BLOCK_M x BLOCK_N]`` i64 tensor in the TTGIR); on sm_90 the 16-bit maxima
+  run two per instruction (``HMNMX2 ... XORSIGN``);
 - tensor cores: ``wgmma`` on sm_90, ``mma.sync`` on sm_80, for 16-bit inputs.
 
 attention, at every config of the autotune list for D = 128 (and the non-autotuned
@@ -41,7 +45,10 @@ MODELS = {  # name: (experts, hidden H, intermediate I, top-k)
 }
 TOKENS = 4096
 GPU_OF_ARCH = {90: "NVIDIA H100 80GB HBM3", 80: "NVIDIA A100-SXM4-80GB"}
-STATS = ("off", "stats", "channels")
+STATS = ("off", "stats", "channels", "norms")
+# The per-program setup of device-side tensor descriptors publishes them with one
+# ``tensormap.cp_fenceproxy`` (an exchange in SASS), before the tile loop.
+TMA_SETUP_ATOMICS = {"ATOMG.E.EXCH.STRONG.GPU"}
 
 
 def triton_371_path() -> Path | None:
@@ -50,7 +57,8 @@ def triton_371_path() -> Path | None:
 
 
 def cases() -> dict:
-    """``{name: (kind, arch, dtype name, config, variant)}``."""
+    """``{name: (kind, arch, dtype name, config, variants)}``; down_proj cases compile every
+    variant they name (``{name}-{variant}`` in the results)."""
     import torch
 
     from superexperts_kernels._triton import attention, down_proj
@@ -59,11 +67,12 @@ def cases() -> dict:
     for arch, gpu in GPU_OF_ARCH.items():
         for model, (e, h, i, k) in MODELS.items():
             cfg = down_proj.config_for_device(gpu, TOKENS * k, e, h, i, torch.bfloat16)
-            for variant in STATS:
-                out[f"down_proj-{arch}-{model}-{variant}"] = ("down_proj", arch, "bfloat16", cfg, variant)
+            out[f"down_proj-{arch}-{model}"] = ("down_proj", arch, "bfloat16", cfg, STATS)
         for dtype in ("float16", "float32"):
             cfg = down_proj.config_for_device(gpu, TOKENS * 8, 128, 2048, 768, getattr(torch, dtype))
-            out[f"down_proj-{arch}-qwen3-{dtype}-stats"] = ("down_proj", arch, dtype, cfg, "stats")
+            out[f"down_proj-{arch}-qwen3-{dtype}"] = ("down_proj", arch, dtype, cfg, ("stats",))
+        cfg = down_proj.config_for_device(gpu, TOKENS * 8, 128, 2048, 768, torch.bfloat16)
+        out[f"down_proj-{arch}-qwen3-transposed"] = ("down_proj", arch, "bfloat16", cfg, ("off", "stats"))
         listed = attention.candidate_configs(128, torch.bfloat16, arch)
         listed.append(attention.get_config(4096, 128, torch.bfloat16, torch.device("cuda")))
         for n, cfg in enumerate(listed):
@@ -78,26 +87,18 @@ def compile_all() -> dict:
     import torch
 
     from superexperts_kernels._triton import offline
-    from superexperts_kernels._triton.down_proj import stats_register_cap
 
-    results, plain_registers = {}, {}
+    results = {}
     for name, (kind, arch, dtype_name, cfg, variant) in cases().items():
         dtype = getattr(torch, dtype_name)
-        if kind == "down_proj":
-            spec = offline.down_proj_kernel_args(dtype, cfg, with_stats=variant != "off", channel_stats=variant == "channels")
-            if variant == "stats" and dtype != torch.float32:  # capped as the launcher caps it
-                key = (arch, dtype_name, json.dumps(cfg, sort_keys=True))
-                if key not in plain_registers:
-                    plain = offline.down_proj_kernel_args(dtype, cfg, with_stats=False)
-                    plain_registers[key] = offline.compile_and_analyze(plain, arch)["registers"]
-                spec["maxnreg"] = stats_register_cap(plain_registers[key])
-        else:
-            extra = dict(window=True, pad=True, sink_logits=True, softcap=True) if variant == "all" else {}
-            spec = offline.attention_kernel_args(dtype, cfg, 128, with_sink=variant != "nosink", **extra)
-        got = offline.compile_and_analyze(spec, arch)
-        if variant == "off":
-            plain_registers[(arch, dtype_name, json.dumps(cfg, sort_keys=True))] = got["registers"]
-        results[name] = {"config": cfg, **got}
+        if kind == "down_proj":  # capped as the launcher caps them
+            layout = dict(w_transposed=name.endswith("-transposed"))
+            for v, got in offline.compile_down_proj(dtype, cfg, arch, variant, **layout).items():
+                results[f"{name}-{v}"] = {"config": cfg, **got}
+            continue
+        extra = dict(window=True, pad=True, sink_logits=True, softcap=True) if variant == "all" else {}
+        spec = offline.attention_kernel_args(dtype, cfg, 128, with_sink=variant != "nosink", **extra)
+        results[name] = {"config": cfg, **offline.compile_and_analyze(spec, arch)}
     return results
 
 
@@ -151,21 +152,26 @@ def test_compiled_with_the_expected_triton(compiled, version):
 @pytest.mark.parametrize("model", list(MODELS))
 def test_down_proj_stats_cost_no_buffers_registers_or_occupancy(compiled, version, arch, model):
     got = results_of(compiled, version)
-    off, on, chan = (got[f"down_proj-{arch}-{model}-{v}"] for v in STATS)
+    off, on, chan, norms = (got[f"down_proj-{arch}-{model}-{v}"] for v in STATS)
     want = pipelined_buffers(arch, off["config"]["num_stages"])
-    # The race: both operands get the pipeliner's full buffer count, with and without stats.
-    for r in (off, on, chan):
+    for r in (off, on, chan, norms):
+        # The race: both operands get the pipeliner's full buffer count in every variant.
         assert [b["buffers"] for b in r["buffers"]] == [want, want], r["buffers"]
         assert r["spill_bytes"] == 0
         assert r["wgmma"] if arch == 90 else r["mma_sync"]
-        assert r["cp_async"]
+        # TMA where the GPU has it, cp.async before.
+        assert (r["tma"], r["cp_async"]) == ((True, False) if arch == 90 else (False, True))
     assert on["registers"] <= off["registers"] + 16, (on["registers"], off["registers"])
-    assert on["ctas_per_sm"] == off["ctas_per_sm"] == chan["ctas_per_sm"] >= 1
-    # Relaxed atomics, no fences; 32-bit tile reductions.
-    assert off["atomics"] == []
-    for r in (on, chan):
-        assert r["atomics"] and r["gpu_fences"] == 0, (r["atomics"], r["gpu_fences"])
+    assert on["ctas_per_sm"] == off["ctas_per_sm"] == chan["ctas_per_sm"] == norms["ctas_per_sm"] >= 1
+    # Relaxed atomics, no fences; 32-bit tile reductions; packed 16-bit maxima on sm_90.
+    setup = TMA_SETUP_ATOMICS if arch == 90 else set()
+    assert set(off["atomics"]) == setup
+    for r in (on, chan, norms):
+        stats_atomics = set(r["atomics"]) - setup
+        assert stats_atomics and all(".MAX." in a for a in stats_atomics), r["atomics"]
+        assert r["gpu_fences"] == 0
         assert not r["i64_tiles"]
+        assert r["packed_max"] == (arch == 90)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -173,11 +179,26 @@ def test_down_proj_stats_cost_no_buffers_registers_or_occupancy(compiled, versio
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_down_proj_other_dtypes(compiled, version, arch, dtype):
     r = results_of(compiled, version)[f"down_proj-{arch}-qwen3-{dtype}-stats"]
-    assert r["spill_bytes"] == 0 and r["gpu_fences"] == 0 and r["cp_async"]
-    if dtype == "float32":  # exact fp32 FMAs (input_precision="ieee"), not TF32 MMAs
-        assert not r["wgmma"] and not r["mma_sync"]
+    assert r["spill_bytes"] == 0 and r["gpu_fences"] == 0
+    if dtype == "float32":  # exact fp32 FMAs (input_precision="ieee") from cp.async tiles
+        assert not r["wgmma"] and not r["mma_sync"] and r["cp_async"] and not r["tma"]
     else:
         assert r["wgmma"] if arch == 90 else r["mma_sync"]
+        assert r["tma"] == (arch == 90) and r["packed_max"] == (arch == 90)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("arch", [90, 80])
+def test_down_proj_transposed_weights(compiled, version, arch):
+    """``[E, I, H]`` weights (``w_transposed``): the same pipeline, TMA on sm_90."""
+    got = results_of(compiled, version)
+    off, on = (got[f"down_proj-{arch}-qwen3-transposed-{v}"] for v in ("off", "stats"))
+    want = pipelined_buffers(arch, off["config"]["num_stages"])
+    for r in (off, on):
+        assert [b["buffers"] for b in r["buffers"]] == [want, want], r["buffers"]
+        assert r["spill_bytes"] == 0 and (r["wgmma"] if arch == 90 else r["mma_sync"])
+        assert r["tma"] == (arch == 90)
+    assert on["registers"] <= off["registers"] + 16 and on["ctas_per_sm"] == off["ctas_per_sm"]
 
 
 @pytest.mark.parametrize("version", VERSIONS)

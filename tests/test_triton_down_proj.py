@@ -49,14 +49,9 @@ def check_exact(res, x, counts, with_channels=True):
             assert torch.equal(res[5][e].cpu(), chan), e
 
 
-@pytest.mark.parametrize("cfg", [tile(16, 32, 32), tile(16, 32, 16, group=3), tile(32, 128, 32, group=2)],
-                         ids=["16x32x32", "16x32x16-group3", "32x128x32-group2-quarters"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_ties_across_tiles_locate_the_first_occurrence(cfg, dtype):
-    """The max of expert 1 appears in several row tiles and column tiles: the first in
-    row-major order wins, whichever program merges first."""
-    from superexperts_kernels._triton.down_proj import moe_down_proj_profile_triton
-
+def ties_case(dtype):
+    """Rows of four experts (one empty) where expert 1's max appears in two row tiles and three
+    column tiles, and rows past the last expert."""
     counts, hidden, inter = [3, 41, 0, 7], 136, 48
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(sum(counts) + 2, inter, generator=g) * 0.1).to(dtype)
@@ -69,11 +64,67 @@ def test_ties_across_tiles_locate_the_first_occurrence(cfg, dtype):
     for c in (17, 100, 130):  # three column tiles hold the max in both rows
         w[1, c, 0] = 2.0
     offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    return counts, x, w, offsets
+
+
+@pytest.mark.parametrize("cfg", [tile(16, 32, 32), tile(16, 32, 16, group=3), tile(32, 128, 32, group=2)],
+                         ids=["16x32x32", "16x32x16-group3", "32x128x32-group2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_ties_across_tiles_locate_the_first_occurrence(cfg, dtype):
+    """The max of expert 1 appears in several row tiles and column tiles: the first in
+    row-major order wins, whichever program merges first."""
+    from superexperts_kernels._triton.down_proj import moe_down_proj_profile_triton
+
+    counts, x, w, offsets = ties_case(dtype)
     res = moe_down_proj_profile_triton(x.to(KERNEL_DEVICE), w.to(KERNEL_DEVICE), offsets.to(KERNEL_DEVICE), None,
                                        None, False, True, config=cfg)
     assert res[2][1].tolist() == [3 + 5, 17]
     check_exact(res, x, counts)
     assert torch.all(res[0][sum(counts):].cpu() == 0)
+
+
+@pytest.mark.skipif(KERNEL_DEVICE == "cuda", reason="forces the sm_86+ path of the interpreter")
+@pytest.mark.parametrize("cfg", [tile(16, 32, 32), tile(32, 128, 32, group=2)], ids=["16x32x32", "32x128x32-group2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_packed_maxima_fold_the_right_columns(monkeypatch, cfg, dtype):
+    """On sm_86+ the row maxima fold column halves as packed 16-bit pairs and the x pass keeps
+    16-bit maxima; the interpreter runs the same folds (maxima one by one for the inline
+    assembly): the same exact stats, ties and a NaN included."""
+    from superexperts_kernels._triton import down_proj as tk
+
+    monkeypatch.setattr(tk, "packed_max_arch", lambda arch, dtype: True)
+    monkeypatch.setattr(tk, "column_folds", lambda cfg: (cfg["BLOCK_N"] // 8).bit_length() - 1)
+    counts, x, w, offsets = ties_case(dtype)
+    res = tk.moe_down_proj_profile_triton(x, w, offsets, None, None, False, True, config=cfg)
+    assert res[2][1].tolist() == [3 + 5, 17]
+    check_exact(res, x, counts)
+    x[50, 3] = float("nan")  # expert 3's rows: every output of row 50 is NaN
+    res = tk.moe_down_proj_profile_triton(x, w, offsets, None, None, False, True, config=cfg)
+    assert res[1][3].isnan() and res[2][3].tolist() == [50, 0] and res[3][3].isnan()
+    check_exact(res, x, counts[:3])  # the other experts as before
+
+
+def test_norm_sum_over_column_tiles_is_deterministic():
+    """Rows span five column tiles: each tile writes its squared partial norms, the finalize
+    kernel sums them in a fixed order, so repeated calls agree bit for bit."""
+    from superexperts_kernels._triton.down_proj import moe_down_proj_profile_triton
+
+    counts, hidden, inter = [3, 41, 0, 7], 136, 48
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(sum(counts) + 2, inter, generator=g).to(torch.bfloat16).to(KERNEL_DEVICE)
+    w = (torch.randn(len(counts), hidden, inter, generator=g) * 0.1).to(torch.bfloat16).to(KERNEL_DEVICE)
+    bias = torch.randn(len(counts), hidden, generator=g).to(torch.bfloat16).to(KERNEL_DEVICE)
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32).to(KERNEL_DEVICE)
+    row_weight = torch.rand(x.shape[0], generator=g).to(KERNEL_DEVICE)
+    runs = [moe_down_proj_profile_triton(x, w, offsets, bias, None, False, False, row_weight=row_weight,
+                                         config=tile(16, 32, 16, group=3)) for _ in range(2)]
+    assert torch.equal(runs[0][6], runs[1][6])
+    y = runs[0][0].cpu().double()
+    want, start = [], 0
+    for n in counts:
+        want.append(float((row_weight.cpu().double()[start : start + n] * y[start : start + n].square().sum(1).sqrt()).sum()))
+        start += n
+    torch.testing.assert_close(runs[0][6].cpu().double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
 
 
 def test_bias_on_rows_past_the_expert_is_not_a_stat():
@@ -140,6 +191,49 @@ def test_device_files_are_read_by_family_and_exact_name(tmp_path, monkeypatch):
         assert tk.config_for_device("NVIDIA H100 80GB HBM3", 20000, 128, 2048, 768, torch.float32) == tk._FALLBACK_FP32[-1][1]
     finally:
         tk.load_device_configs.cache_clear()
+
+
+# --------------------------------------------------------------------------- TMA, registers
+
+
+def test_tma_only_where_the_descriptors_apply():
+    from superexperts_kernels._triton.down_proj import tma_applies
+
+    x = torch.zeros(64, 128, dtype=torch.bfloat16)
+    w = torch.zeros(4, 32, 128, dtype=torch.bfloat16)
+    assert tma_applies(x, w, 90) and tma_applies(x.half(), w.half(), 100)
+    assert not tma_applies(x, w, 80) and not tma_applies(x, w, 89)  # no TMA before sm_90
+    assert not tma_applies(x.float(), w.float(), 90)  # fp32: FMA loops from cp.async tiles
+    assert tma_applies(x, w.transpose(1, 2).contiguous(), 90)  # [E, I, H]: H is the unit stride
+    assert not tma_applies(x, w.transpose(1, 2), 90)  # no unit innermost stride
+    assert not tma_applies(x[:, 1:65], w, 90)  # base not 16-byte aligned
+    assert not tma_applies(torch.zeros(64, 100, dtype=torch.bfloat16), torch.zeros(4, 32, 100, dtype=torch.bfloat16), 90)
+
+
+def test_register_caps_keep_the_occupancy():
+    from superexperts_kernels._triton.down_proj import stats_register_cap
+    from superexperts_kernels._triton.occupancy import ctas_per_sm
+
+    assert stats_register_cap(188, 196608, 8, 90, extended=False) == 204
+    assert stats_register_cap(250, 196608, 8, 90, extended=False) == 255
+    # Channel stats / row norms: as many registers as keep the CTAs per SM.
+    for regs, smem, warps in [(188, 196608, 8), (112, 32768, 4), (96, 16384, 4), (128, 98304, 4)]:
+        cap = stats_register_cap(regs, smem, warps, 90, extended=True)
+        assert cap >= regs and ctas_per_sm(cap, smem, warps, 90) == ctas_per_sm(regs, smem, warps, 90)
+        assert cap == 255 or ctas_per_sm(cap + 8, smem, warps, 90) < ctas_per_sm(regs, smem, warps, 90)
+
+
+def test_descriptor_scratch_leaves_the_callers_allocator_alone():
+    """Device-side tensor descriptors need Triton's global-scratch allocator; the launcher sets
+    one for its own launch only."""
+    import triton.runtime._allocation as allocation
+
+    from superexperts_kernels._triton.down_proj import _with_scratch
+
+    before = allocation._allocator.get()
+    buffer = _with_scratch(torch.device("cpu"), lambda: allocation._allocator.get()(256, 128, None))
+    assert isinstance(buffer, torch.Tensor) and buffer.numel() == 256 and buffer.device.type == "cpu"
+    assert allocation._allocator.get() is before
 
 
 # --------------------------------------------------------------------------- host cost

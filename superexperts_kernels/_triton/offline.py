@@ -73,9 +73,11 @@ def compile_kernel(kernel, pointer_types, constexprs, unit_strides, aligned_ints
 # --------------------------------------------------------------------------- specs
 
 
-def down_proj_kernel_args(dtype, cfg, *, with_stats, channel_stats=False, bias=False, offsets_dtype=torch.int32):
+def down_proj_kernel_args(dtype, cfg, arch, *, with_stats, channel_stats=False, row_norms=False, bias=False,
+                          w_transposed=False, offsets_dtype=torch.int32):
     """`compile_kernel` arguments for ``_moe_down_proj_kernel`` as the launcher launches it
-    on contiguous ``[S, I]`` x and ``[E, H, I]`` weights with H, I multiples of 16."""
+    on ``sm_<arch>`` for contiguous ``[S, I]`` x and ``[E, H, I]`` weights (``[E, I, H]``
+    with `w_transposed`) with H, I multiples of 16 (so TMA applies where the arch has it)."""
     from . import down_proj as m
 
     ptr = PTR[dtype]
@@ -83,16 +85,52 @@ def down_proj_kernel_args(dtype, cfg, *, with_stats, channel_stats=False, bias=F
         kernel=m._moe_down_proj_kernel,
         pointer_types={"x_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "y_ptr": ptr,
                        "offsets_ptr": "*i32" if offsets_dtype == torch.int32 else "*i64",
-                       "key_ptr": "*i64", "in_bits_ptr": "*i32", "chan_bits_ptr": "*i32"},
-        constexprs=dict(HAS_BIAS=bias, WITH_STATS=with_stats, CHANNEL_STATS=channel_stats, UPCAST=False,
-                        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", E_POW2=512,
-                        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                       "key_ptr": "*i64", "in_bits_ptr": "*i32", "chan_bits_ptr": "*i32", "sq_ptr": "*fp32"},
+        constexprs=dict(HAS_BIAS=bias, WITH_STATS=with_stats, CHANNEL_STATS=channel_stats, ROW_NORMS=row_norms,
+                        USE_TMA=m.tma_arch(arch, dtype), PACKED_MAX=m.packed_max_arch(arch, dtype),
+                        FOLDS=m.column_folds(cfg),
+                        W_TRANSPOSED=w_transposed, UPCAST=False,
+                        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                        E_POW2=512, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                         GROUP_M=cfg.get("GROUP_M", 1)),
-        unit_strides={"stride_xk", "stride_wk", "stride_yn", "stride_bn"},
-        aligned_ints={"stride_xm", "stride_we", "stride_wn", "stride_ym", "stride_be", "hidden", "inter"},
+        unit_strides={"stride_xk", "stride_wn" if w_transposed else "stride_wk", "stride_yn", "stride_bn"},
+        aligned_ints={"stride_xm", "stride_we", "stride_wk" if w_transposed else "stride_wn", "stride_ym",
+                      "stride_be", "hidden", "inter"},
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
+
+
+DOWN_PROJ_VARIANTS = {  # name: (with_stats, channel_stats, row_norms)
+    "off": (False, False, False),
+    "stats": (True, False, False),
+    "channels": (True, True, False),
+    "norms": (True, False, True),
+}
+
+
+def compile_down_proj(dtype, cfg, arch, variants=tuple(DOWN_PROJ_VARIANTS), **layout) -> dict[str, dict]:
+    """`analyze` of the down_proj kernel per variant (`DOWN_PROJ_VARIANTS`) at one config, the
+    16-bit statistics variants capped at ``maxnreg`` from the stats-off kernel as the launcher
+    caps them (`down_proj.stats_register_cap`); `layout`: `down_proj_kernel_args` options."""
+    from .down_proj import stats_register_cap
+
+    capped = dtype != torch.float32
+    out = {}
+    if "off" in variants or capped:
+        out["off"] = compile_and_analyze(down_proj_kernel_args(dtype, cfg, arch, with_stats=False, **layout), arch)
+    for name in variants:
+        if name == "off":
+            continue
+        with_stats, channel_stats, row_norms = DOWN_PROJ_VARIANTS[name]
+        spec = down_proj_kernel_args(dtype, cfg, arch, with_stats=with_stats, channel_stats=channel_stats,
+                                     row_norms=row_norms, **layout)
+        if capped:
+            off = out["off"]
+            spec["maxnreg"] = stats_register_cap(off["registers"], off["shared_bytes"], cfg["num_warps"], arch,
+                                                 extended=channel_stats or row_norms)
+        out[name] = compile_and_analyze(spec, arch)
+    return {name: out[name] for name in variants}
 
 
 def attention_kernel_args(dtype, cfg, head_dim, *, with_sink, causal=True, window=False, pad=False,
@@ -129,12 +167,14 @@ def _tool(name: str) -> str:
 
 
 def shared_buffers(ttgir: str) -> list[dict]:
-    """Multi-buffered shared-memory allocations (``local_alloc`` without an initial value):
-    ``[{"name", "buffers", "shape", "dtype"}]`` in program order."""
+    """Multi-buffered operand tiles in shared memory (``local_alloc`` without an initial
+    value, mbarrier arrays left out): ``[{"name", "buffers", "shape", "dtype"}]`` in program
+    order."""
     out = []
     for name, dims, dtype in _ALLOC.findall(ttgir):
         shape = [int(d) for d in dims.split("x")]
-        out.append({"name": name, "buffers": shape[0], "shape": shape[1:], "dtype": dtype})
+        if dtype != "i64":  # TMA pipelines: one mbarrier per stage
+            out.append({"name": name, "buffers": shape[0], "shape": shape[1:], "dtype": dtype})
     return out
 
 
@@ -167,9 +207,52 @@ def cubin_usage(cubin: bytes) -> tuple[dict, str]:
     return {"registers": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(3))}, sass
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def _sass_instructions(sass: str) -> list[tuple[int, str, str]]:
+    """``(address, mnemonic with modifiers, operands)`` in program order."""
+    return [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(sass)]
+
+
 def _sass_ops(sass: str) -> list[str]:
     """Instruction mnemonics (with modifiers) in program order."""
-    return re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    return [op for _, op, _ in _sass_instructions(sass)]
+
+
+def loop_profile(sass: str) -> dict:
+    """Instruction counts of a persistent kernel's loops, for a per-tile issue estimate.
+
+    Loops are backward branches. The tile loop is the outermost one that holds the
+    tensor-core (or FMA) K loop (the whole kernel when there is none: one tile per program);
+    spin loops placed after it (mbarrier waits) are left out.
+    Returns ``{"tile_body": instructions of the tile loop outside its inner loops,
+    "k_loop": the K loop's body, "other_loops": [bodies of the tile loop's other inner
+    loops, in program order]}``: one warp issues ``tile_body + k_loop * K steps +
+    sum(other * trips)`` instructions per tile (taking every branch inside the tile body).
+    """
+    ins = _sass_instructions(sass)
+    loops = []
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+
+    def body(lo, hi):
+        return [op for a, op, _ in ins if lo <= a <= hi]
+
+    mma = ("HGMMA", "HMMA", "FFMA")
+    k_loops = [lp for lp in loops if any(op.startswith(mma) for op in body(*lp))]
+    k_loop = min(k_loops, key=lambda lp: lp[1] - lp[0])
+    around = [lp for lp in loops if lp != k_loop and lp[0] <= k_loop[0] and lp[1] >= k_loop[1]]
+    outer = max(around, key=lambda lp: lp[1] - lp[0]) if around else (ins[0][0], ins[-1][0])
+    inner = [lp for lp in loops if lp != outer and outer[0] <= lp[0] and lp[1] <= outer[1]]
+    inner_size = {lp: len(body(*lp)) for lp in inner}
+    return {
+        "tile_body": len(body(*outer)) - sum(inner_size.values()),
+        "k_loop": inner_size[k_loop],
+        "other_loops": [inner_size[lp] for lp in sorted(inner) if lp != k_loop],
+    }
 
 
 def analyze(compiled, arch: int) -> dict:
@@ -196,7 +279,9 @@ def analyze(compiled, arch: int) -> dict:
         "tma": "cp.async.bulk.tensor" in ptx,
         "atomics": sorted(set(atomics)),
         "gpu_fences": sum(op.startswith("MEMBAR") and ("GPU" in op or "SYS" in op) for op in ops),
+        "packed_max": any(op.startswith("HMNMX2") and "XORSIGN" in op for op in ops),
         "sass_instructions": len(ops),
+        "loops": loop_profile(sass),
     }
 
 
