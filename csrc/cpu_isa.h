@@ -31,6 +31,8 @@ struct TypedKernels {
   void (*round_row_nostats)(const float* acc, const float* bias, T* out, int64_t n);
   // max |x[c]| for c < n, folding |x[c]| into chan[c] (when not null).
   float (*absmax_row)(const T* x, float* chan, int64_t n);
+  // sum of float(x[c])^2 for c < n, in fp32.
+  float (*sumsq_row)(const T* x, int64_t n);
   // dst[c] = float(src[c]) * scale.
   void (*to_float)(const T* src, float scale, float* dst, int64_t n);
   // dst[c] = T(src[c] * scale).

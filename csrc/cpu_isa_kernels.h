@@ -184,8 +184,25 @@ void scale(float* x, int64_t n, float alpha) {
 }
 
 template <typename T>
+float sumsq_row(const T* x, int64_t n) {
+  Vec s0(0.f), s1(0.f);
+  int64_t c = 0;
+  for (; c + kStep <= n; c += kStep) {
+    const auto [v0, v1] = load2<T>(x + c);
+    s0 = at::vec::fmadd(v0, v0, s0);
+    s1 = at::vec::fmadd(v1, v1, s1);
+  }
+  float s = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, s0 + s1);
+  for (; c < n; ++c) {
+    const float v = static_cast<float>(x[c]);
+    s += v * v;
+  }
+  return s;
+}
+
+template <typename T>
 constexpr TypedKernels<T> typed() {
-  return {&round_row<T>, &round_row_nostats<T>, &absmax_row<T>, &to_float<T>, &from_float<T>};
+  return {&round_row<T>, &round_row_nostats<T>, &absmax_row<T>, &sumsq_row<T>, &to_float<T>, &from_float<T>};
 }
 
 constexpr Kernels kTable{SUPEREXPERTS_STR(SUPEREXPERTS_ISA),

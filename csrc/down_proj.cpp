@@ -5,7 +5,9 @@
 // [rows, channels] of y through torch's own GEMM (at::mm_out: MKL or oneDNN), and the
 // statistics are reduced from each block right after its GEMM, while it is in cache, on the
 // values as written to y (rounded to y's dtype). The pieces' statistics are merged in row
-// order at the end, so ties go to the first (row, channel) in row-major order.
+// order at the end, so ties go to the first (row, channel) in row-major order. With a row
+// weight g, each row's squared norm is summed over its channel blocks (read back from y as
+// written, in cache) and the piece sums g[r] * ||y[r]||_2 in row order.
 //
 // The dtype the GEMMs run in is chosen at run time (cpu_isa.h `gemm_dtype`):
 // - the input dtype (float32; bf16/fp16 where the CPU has bf16/fp16 GEMM instructions): the
@@ -22,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "cpu_isa.h"
 #include "down_proj.h"
@@ -51,6 +54,7 @@ struct PieceStats {
   float absmax = 0.f;
   int64_t row = -1, channel = -1;
   float in_absmax = 0.f;
+  float norm_sum = 0.f;
 };
 
 struct Problem {
@@ -58,6 +62,7 @@ struct Problem {
   at::Tensor w;     // [E, H, I], or [E, I, H] when transposed
   at::Tensor bias;  // [E, H]: fp32 on the upcast path, x.dtype on the direct path; or undefined
   at::Tensor y;     // [S, H] x.dtype, contiguous
+  const float* row_weight;  // [S] fp32, or null (no norm_sum)
   int64_t hidden;
   bool transposed;
   bool with_stats;
@@ -131,6 +136,7 @@ void project_piece(const Problem& pb, const Piece& piece, Workspace& ws, PieceSt
   const at::Tensor bias = pb.bias.defined() ? pb.bias[piece.expert] : at::Tensor();
   scalar_t* y = pb.y.data_ptr<scalar_t>();
   const auto [row_block, col_block] = block_shape(pb, n, pb.upcast ? 4 : pb.y.element_size());
+  std::vector<float> sq(pb.row_weight ? n : 0, 0.f);  // squared norm of each row so far
 
   for (int64_t c0 = 0; c0 < hidden; c0 += col_block) {
     const int64_t nc = std::min(col_block, hidden - c0);
@@ -156,6 +162,7 @@ void project_piece(const Problem& pb, const Piece& piece, Workspace& ws, PieceSt
         for (int64_t r = 0; r < nr; ++r) {
           const scalar_t* row = y + (row0 + r) * hidden + c0;
           fold_row(st, k.absmax_row(row, chan ? chan + c0 : nullptr, nc), row, row0 + r, c0);
+          if (pb.row_weight) sq[r0 + r] += k.sumsq_row(row, nc);
         }
         continue;
       }
@@ -169,19 +176,24 @@ void project_piece(const Problem& pb, const Piece& piece, Workspace& ws, PieceSt
           continue;
         }
         fold_row(st, k.round_row(acc_p + r * nc, bias_f, row, chan ? chan + c0 : nullptr, nc), row, row0 + r, c0);
+        if (pb.row_weight) sq[r0 + r] += k.sumsq_row(row, nc);
       }
     }
+  }
+  for (int64_t r = 0; r < static_cast<int64_t>(sq.size()); ++r) {
+    st.norm_sum += pb.row_weight[piece.begin + r] * std::sqrt(sq[r]);
   }
 }
 
 DownProjOutputs moe_down_proj_profile_cpu(const at::Tensor& x_in, const at::Tensor& w_down, const at::Tensor& offsets,
                                           const std::optional<at::Tensor>& bias,
                                           const std::optional<at::Tensor>& row_token, bool w_transposed,
-                                          bool channel_stats, bool with_stats) {
-  const int64_t hidden = check_down_proj_args(x_in, w_down, offsets, bias, row_token, w_transposed);
+                                          bool channel_stats, bool with_stats,
+                                          const std::optional<at::Tensor>& row_weight) {
+  const int64_t hidden = check_down_proj_args(x_in, w_down, offsets, bias, row_token, w_transposed, row_weight);
   const std::vector<int64_t> ends = row_ends(offsets, x_in.size(0));
   auto outputs = empty_outputs(x_in, hidden, ends, channel_stats);
-  auto& [y, out_absmax, out_argmax, in_absmax, rows, channel_absmax] = outputs;
+  auto& [y, out_absmax, out_argmax, in_absmax, rows, channel_absmax, norm_sum] = outputs;
   const int64_t routed = ends.back();
   y.narrow(0, routed, x_in.size(0) - routed).zero_();
   if (routed == 0) return outputs;
@@ -190,7 +202,9 @@ DownProjOutputs moe_down_proj_profile_cpu(const at::Tensor& x_in, const at::Tens
   const bool upcast = cpu::gemm_dtype(x.scalar_type()) != x.scalar_type();
   at::Tensor bias_t;
   if (bias) bias_t = upcast ? bias->to(at::kFloat).contiguous() : bias->contiguous();
-  const Problem pb{x, w_down, bias_t, y, hidden, w_transposed, with_stats, upcast};
+  const at::Tensor weight = row_weight && with_stats ? row_weight->contiguous() : at::Tensor();
+  const Problem pb{x,      w_down,       bias_t, y, weight.defined() ? weight.const_data_ptr<float>() : nullptr,
+                   hidden, w_transposed, with_stats, upcast};
   const int64_t parts = std::min<int64_t>(at::get_num_threads(), routed);
   std::vector<int64_t> first;
   const std::vector<Piece> pieces = split(ends, parts, first);
@@ -221,6 +235,7 @@ DownProjOutputs moe_down_proj_profile_cpu(const at::Tensor& x_in, const at::Tens
   float* absmax = out_absmax.data_ptr<float>();
   int64_t* argmax = out_argmax.data_ptr<int64_t>();
   float* in_max = in_absmax.data_ptr<float>();
+  float* norms = norm_sum.data_ptr<float>();
   std::vector<bool> seen(ends.size(), false);
   for (size_t i = 0; i < pieces.size(); ++i) {
     const int64_t e = pieces[i].expert;
@@ -232,6 +247,7 @@ DownProjOutputs moe_down_proj_profile_cpu(const at::Tensor& x_in, const at::Tens
       argmax[2 * e + 1] = s.channel;
     }
     in_max[e] = above(s.in_absmax, in_max[e]) ? s.in_absmax : in_max[e];
+    norms[e] += s.norm_sum;
     if (channels) {
       float* dst = channel_absmax[e].data_ptr<float>();
       const float* src = piece_chan[i].const_data_ptr<float>();

@@ -14,14 +14,17 @@ namespace superexperts {
 constexpr const char* kDownProjOp = "superexperts::moe_down_proj_profile_native";
 
 // (y [S, H] x.dtype, out_absmax [E] fp32, out_argmax [E, 2] int64, in_absmax [E] fp32,
-//  rows [E] int64, channel_absmax [E, H] fp32, or [E, 0] without channel stats)
-using DownProjOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+//  rows [E] int64, channel_absmax [E, H] fp32, or [E, 0] without channel stats,
+//  norm_sum [E] fp32: sum of row_weight[r] * ||y[r]||_2 over the expert's rows, 0 without it)
+using DownProjOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Checks shapes, dtypes and devices; returns H. Mirrors `_validate` in
 // superexperts_kernels/moe_down_proj_profile.py, check for check.
 inline int64_t check_down_proj_args(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& offsets,
                                     const std::optional<at::Tensor>& bias,
-                                    const std::optional<at::Tensor>& row_token, bool w_transposed) {
+                                    const std::optional<at::Tensor>& row_token, bool w_transposed,
+                                    const std::optional<at::Tensor>& row_weight) {
   const char* op = kDownProjOp;
   check_tensor(op, "x", x, 2, kFloatDtypes);
   check_tensor(op, "w_down", w_down, 3, kFloatDtypes, &x);
@@ -43,6 +46,10 @@ inline int64_t check_down_proj_args(const at::Tensor& x, const at::Tensor& w_dow
   if (row_token) {
     check_tensor(op, "row_token", *row_token, 1, kIndexDtypes, &x);
     check_dim(op, "row_token", *row_token, 0, x.size(0), "the number of rows x.shape[0]");
+  }
+  if (row_weight) {
+    check_tensor(op, "row_weight", *row_weight, 1, {at::kFloat}, &x);
+    check_dim(op, "row_weight", *row_weight, 0, x.size(0), "the number of rows x.shape[0]");
   }
   return hidden;
 }
@@ -78,7 +85,8 @@ inline DownProjOutputs empty_outputs(const at::Tensor& x, int64_t hidden, const 
           at::full({num_experts, 2}, -1, x.options().dtype(at::kLong)),
           at::zeros({num_experts}, f32),
           rows.to(x.device()),
-          at::zeros({num_experts, channel_stats ? hidden : 0}, f32)};
+          at::zeros({num_experts, channel_stats ? hidden : 0}, f32),
+          at::zeros({num_experts}, f32)};
 }
 
 }  // namespace superexperts

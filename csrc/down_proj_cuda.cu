@@ -13,8 +13,6 @@
 //
 // With a row weight g, the stats kernel also sums per expert g[r] * ||y[r]||_2 (the row as
 // written, squares summed in fp32; atomicAdd across rows, so the order of the sum varies).
-// The op's schema (csrc/ops.cpp) does not have `row_weight` and `norm_sum` yet: the kernel
-// registered under it runs `down_proj_with_norm_sum` without a weight and drops the zero sum.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -132,20 +130,12 @@ void per_expert_gemms(const at::Tensor& xc, const at::Tensor& w_down, const std:
   }
 }
 
-// The op's outputs and norm_sum [E] fp32.
-using DownProjNormOutputs =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-DownProjNormOutputs down_proj_with_norm_sum(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& offsets,
-                                            const std::optional<at::Tensor>& bias,
-                                            const std::optional<at::Tensor>& row_token, bool w_transposed,
-                                            bool channel_stats, bool with_stats,
-                                            const std::optional<at::Tensor>& row_weight) {
-  const int64_t hidden = check_down_proj_args(x, w_down, offsets, bias, row_token, w_transposed);
-  if (row_weight) {  // as `_validate` in superexperts_kernels/moe_down_proj_profile.py
-    check_tensor(kDownProjOp, "row_weight", *row_weight, 1, {at::kFloat}, &x);
-    check_dim(kDownProjOp, "row_weight", *row_weight, 0, x.size(0), "the number of rows x.shape[0]");
-  }
+DownProjOutputs moe_down_proj_profile_cuda(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& offsets,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& row_token, bool w_transposed,
+                                           bool channel_stats, bool with_stats,
+                                           const std::optional<at::Tensor>& row_weight) {
+  const int64_t hidden = check_down_proj_args(x, w_down, offsets, bias, row_token, w_transposed, row_weight);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t num_rows = x.size(0), num_experts = w_down.size(0);
   const auto dev = x.options();
@@ -204,16 +194,6 @@ DownProjNormOutputs down_proj_with_norm_sum(const at::Tensor& x, const at::Tenso
   in_absmax.copy_(in_bits.view(at::kFloat));
   if (channel_stats) channel_absmax.copy_(chan_bits.view(at::kFloat));
   return {y, out_absmax, out_argmax, in_absmax, rows, channel_absmax, norm_sum};
-}
-
-// The kernel of the current schema: no row weight, norm_sum dropped.
-DownProjOutputs moe_down_proj_profile_cuda(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& offsets,
-                                           const std::optional<at::Tensor>& bias,
-                                           const std::optional<at::Tensor>& row_token, bool w_transposed,
-                                           bool channel_stats, bool with_stats) {
-  const DownProjNormOutputs out = down_proj_with_norm_sum(x, w_down, offsets, bias, row_token, w_transposed,
-                                                          channel_stats, with_stats, std::nullopt);
-  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out), std::get<5>(out)};
 }
 
 }  // namespace

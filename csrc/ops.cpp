@@ -19,8 +19,8 @@
 TORCH_LIBRARY_FRAGMENT(superexperts, m) {
   m.def(
       "moe_down_proj_profile_native(Tensor x, Tensor w_down, Tensor offsets, Tensor? bias=None, "
-      "Tensor? row_token=None, bool w_transposed=False, bool channel_stats=False, bool with_stats=True) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? row_token=None, bool w_transposed=False, bool channel_stats=False, bool with_stats=True, "
+      "Tensor? row_weight=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "attention_with_sink_native(Tensor q, Tensor k, Tensor v, float scale, bool causal=True, "
       "int num_sink_tokens=1, int? sliding_window=None, Tensor? key_padding_mask=None, "

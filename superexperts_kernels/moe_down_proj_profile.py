@@ -34,17 +34,9 @@ IMPLEMENTATIONS = OpTable(
         "superexperts_kernels.reference.down_proj:moe_down_proj_profile_reference", options=("with_stats", "row_weight")
     ),
     triton=Impl("superexperts_kernels._triton.down_proj:moe_down_proj_profile_triton", options=("with_stats", "row_weight")),
-    # The native schema (csrc/ops.cpp) has no `row_weight` and no `norm_sum` yet: calls with a
-    # `row_weight` go to the other backends.
-    native=Impl("superexperts_kernels.moe_down_proj_profile:_native", native.DEVICE_TYPES[OP], ("with_stats",)),
+    native=Impl("torch:ops.superexperts.moe_down_proj_profile_native", native.DEVICE_TYPES[OP],
+                ("with_stats", "row_weight")),
 )
-
-
-def _native(*args, **options):
-    """``torch.ops.superexperts.moe_down_proj_profile_native``: its six outputs and a zero
-    ``norm_sum`` (right for the calls it serves: those without `row_weight`)."""
-    out = torch.ops.superexperts.moe_down_proj_profile_native(*args, **options)
-    return (*out, torch.zeros_like(out[1]))
 
 
 class DownProjProfile(NamedTuple):
@@ -144,8 +136,8 @@ if native.BUILT:
 
     @torch.library.register_fake("superexperts::moe_down_proj_profile_native")
     def _native_fake(x, w_down, offsets, bias=None, row_token=None, w_transposed=False, channel_stats=False,
-                     with_stats=True):
-        return fake_outputs(x, w_down, offsets, bias, row_token, w_transposed, channel_stats)[:6]
+                     with_stats=True, row_weight=None):
+        return fake_outputs(x, w_down, offsets, bias, row_token, w_transposed, channel_stats)
 
 _ARGUMENT_TYPES = ArgumentTypes(_NAME, torch.ops.superexperts.moe_down_proj_profile.default._schema)
 

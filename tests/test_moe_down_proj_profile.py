@@ -285,21 +285,19 @@ def test_bad_row_weight_raises_naming_it():
 
 
 @requires_native
-def test_row_weight_calls_skip_the_native_backend():
-    """The native kernels do not take `row_weight` yet: such calls run on the reference on CPU
-    (a warning says so once), and forcing native for them is an error naming the argument."""
-    from superexperts_kernels._backend import _warned
+def test_row_weight_runs_on_the_native_backend_and_without_stats_gives_zeros():
+    """The default CPU backend honours `row_weight` (no fallback warning); with
+    `with_stats=False` norm_sum is zero like the other stats."""
+    import warnings
 
-    x, w, offsets, _ = make_inputs([2, 3], 8, 12, 1, torch.float32, "cpu")
+    x, w, offsets, _ = make_inputs([2, 0, 3], 8, 12, 1, torch.float32, "cpu")
     row_weight = row_weights(x.shape[0], "cpu")
-    _warned.clear()
-    with pytest.warns(UserWarning, match="native backend cannot express `row_weight`"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         out = sk.moe_down_proj_profile(x, w, offsets, row_weight=row_weight)
-    torch.testing.assert_close(out.norm_sum.double(), norm_sum_of(out.y, row_weight, [2, 3]))
-    with sk.use_backend(OP, "cpu", "native"):
-        with pytest.raises(ValueError, match="does not support `row_weight`"):
-            sk.moe_down_proj_profile(x, w, offsets, row_weight=row_weight)
-        assert torch.all(sk.moe_down_proj_profile(x, w, offsets).norm_sum == 0)
+        plain = sk.moe_down_proj_profile(x, w, offsets, row_weight=row_weight, with_stats=False)
+    torch.testing.assert_close(out.norm_sum.double(), norm_sum_of(out.y, row_weight, [2, 0, 3]))
+    assert torch.all(plain.norm_sum == 0) and torch.equal(plain.y, out.y)
 
 
 def test_backends_report():

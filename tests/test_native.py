@@ -87,8 +87,9 @@ def run_dp(device, *args, **kwargs):
         return sk.moe_down_proj_profile(*args, **kwargs)
 
 
-def check_dp(out, x, offsets, counts, tail, hidden, ref, dtype):
-    """y close to the reference; stats exactly those of the native y."""
+def check_dp(out, x, offsets, counts, tail, hidden, ref, dtype, row_weight=None):
+    """y close to the reference; stats exactly those of the native y; norm_sum (with
+    `row_weight`) that of the native y within fp32 summation error, else zero."""
     rtol, atol = dp_tests.TOL[dtype]
     torch.testing.assert_close(out.y.cpu().float(), ref[0].float(), rtol=rtol, atol=atol)
     assert out.y.dtype == dtype and out.y.shape == (sum(counts) + tail, hidden)
@@ -101,6 +102,12 @@ def check_dp(out, x, offsets, counts, tail, hidden, ref, dtype):
         assert torch.equal(out.channel_absmax.cpu(), channel)
     assert torch.equal(out.rows.cpu(), torch.tensor(counts))
     torch.testing.assert_close(out.out_absmax.cpu(), ref[1], rtol=rtol, atol=atol)
+    if row_weight is None:
+        assert torch.all(out.norm_sum == 0)
+        return
+    torch.testing.assert_close(out.norm_sum.double(), dp_tests.norm_sum_of(out.y, row_weight, counts),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.norm_sum, ref[6], rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
@@ -109,9 +116,10 @@ def check_dp(out, x, offsets, counts, tail, hidden, ref, dtype):
 def test_down_proj_matches_reference(case, dtype, threads, gemm_policy):
     _, counts, hidden, inter, tail = case
     x, w, offsets, _ = dp_tests.make_inputs(counts, hidden, inter, tail, dtype, "cpu")
-    out = run_dp("cpu", x, w, offsets, channel_stats=True)
-    ref = moe_down_proj_profile_reference(x, w, offsets, None, None, False, True)
-    check_dp(out, x, offsets, counts, tail, hidden, ref, dtype)
+    row_weight = dp_tests.row_weights(x.shape[0], "cpu")
+    out = run_dp("cpu", x, w, offsets, channel_stats=True, row_weight=row_weight)
+    ref = moe_down_proj_profile_reference(x, w, offsets, None, None, False, True, row_weight=row_weight)
+    check_dp(out, x, offsets, counts, tail, hidden, ref, dtype, row_weight)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, **dtype_id)
@@ -119,7 +127,8 @@ def test_down_proj_bias_transposed_row_token(dtype, gemm_policy):
     counts, hidden, inter, tail = [2, 0, 79, 1, 6], 140, 40, 2
     x, w_t, offsets, bias = dp_tests.make_inputs(counts, hidden, inter, tail, dtype, "cpu", bias=True, transposed=True)
     row_token = torch.randperm(x.shape[0])
-    out = run_dp("cpu", x, w_t, offsets, bias, row_token, w_transposed=True, channel_stats=True)
+    row_weight = dp_tests.row_weights(x.shape[0], "cpu", seed=2)
+    out = run_dp("cpu", x, w_t, offsets, bias, row_token, w_transposed=True, channel_stats=True, row_weight=row_weight)
     plain = run_dp("cpu", x, w_t.transpose(1, 2).contiguous(), offsets, bias, channel_stats=True)
     ref = moe_down_proj_profile_reference(x, w_t, offsets, bias, None, True, True)
     check_dp(plain, x, offsets, counts, tail, hidden, ref, dtype)
@@ -132,6 +141,8 @@ def test_down_proj_bias_transposed_row_token(dtype, gemm_policy):
     assert torch.equal(out.out_absmax, absmax) and torch.equal(out.channel_absmax, channel)
     assert torch.equal(out.out_argmax[:, 0], torch.where(has_rows, row_token[argmax[:, 0].clamp(min=0)], -1))
     assert torch.equal(out.out_argmax[:, 1], argmax[:, 1])
+    torch.testing.assert_close(out.norm_sum.double(), dp_tests.norm_sum_of(out.y, row_weight, counts),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, **dtype_id)
@@ -480,7 +491,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     x, w, offsets, bias = dp_tests.make_inputs([0, 70, 130, 1], 300, 100, 5, dtype, "cpu", bias=True)
     res = torch.ops.superexperts.moe_down_proj_profile_native(x, w, offsets, bias, None, False, True, True)
     brute = dp_tests.stats_of(res[0], x, offsets, 300)
-    out["down_proj"].append([res[0].float().tolist(), [t.tolist() for t in res[1:4] + res[5:]], [t.tolist() for t in brute]])
+    out["down_proj"].append([res[0].float().tolist(), [t.tolist() for t in res[1:4] + res[5:6]], [t.tolist() for t in brute]])
     q, k, v = (torch.randn(1, h, 70, 32, generator=torch.Generator().manual_seed(h)).to(dtype) for h in (4, 2, 2))
     o, mass = torch.ops.superexperts.attention_with_sink_native(q, k, v, 0.2, True, 2)
     out["attention"].append([o.float().tolist(), mass.tolist()])
