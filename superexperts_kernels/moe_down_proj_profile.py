@@ -27,10 +27,14 @@ from ._validation import (
 OP = "moe_down_proj_profile"
 _NAME = f"superexperts.{OP}"
 
+# `row_weight` (the per-expert norm_sum) is honoured by the reference only so far; calls that
+# pass it run there.
 IMPLEMENTATIONS = OpTable(
     OP,
-    defaults={"with_stats": True},
-    reference=Impl("superexperts_kernels.reference.down_proj:moe_down_proj_profile_reference", options=("with_stats",)),
+    defaults={"with_stats": True, "row_weight": None},
+    reference=Impl(
+        "superexperts_kernels.reference.down_proj:moe_down_proj_profile_reference", options=("with_stats", "row_weight")
+    ),
     triton=Impl("superexperts_kernels._triton.down_proj:moe_down_proj_profile_triton", options=("with_stats",)),
     native=Impl("torch:ops.superexperts.moe_down_proj_profile_native", native.DEVICE_TYPES[OP], ("with_stats",)),
 )
@@ -43,7 +47,9 @@ class DownProjProfile(NamedTuple):
     out_argmax: ``[E, 2]`` int64 (row, or token position when `row_token` is given;
     channel) of that max, -1 for experts without rows. in_absmax: ``[E]`` fp32 max |x|.
     rows: ``[E]`` int64 rows routed to each expert. channel_absmax: ``[E, H]`` fp32
-    (``[E, 0]`` unless `channel_stats`).
+    (``[E, 0]`` unless `channel_stats`). norm_sum: ``[E]`` fp32, the sum over the expert's
+    rows r of ``row_weight[r] * ||y[r]||_2`` (y as written, upcast to fp32); zeros without
+    `row_weight` or with ``with_stats=False``.
     """
 
     y: torch.Tensor
@@ -52,9 +58,10 @@ class DownProjProfile(NamedTuple):
     in_absmax: torch.Tensor
     rows: torch.Tensor
     channel_absmax: torch.Tensor
+    norm_sum: torch.Tensor
 
 
-def _validate(x, w_down, offsets, bias, row_token, w_transposed) -> int:
+def _validate(x, w_down, offsets, bias, row_token, w_transposed, row_weight=None) -> int:
     """Check shapes, dtypes and devices; return H."""
     check_tensor(_NAME, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
     dev = x.device
@@ -77,6 +84,9 @@ def _validate(x, w_down, offsets, bias, row_token, w_transposed) -> int:
     if row_token is not None:
         check_tensor(_NAME, "row_token", row_token, ndim=1, dtypes=INDEX_DTYPES, device=dev)
         check_dim(_NAME, "row_token", row_token, 0, x.shape[0], "the number of rows x.shape[0]")
+    if row_weight is not None:
+        check_tensor(_NAME, "row_weight", row_weight, ndim=1, dtypes=(torch.float32,), device=dev)
+        check_dim(_NAME, "row_weight", row_weight, 0, x.shape[0], "the number of rows x.shape[0]")
     return hidden_size
 
 
@@ -91,24 +101,29 @@ def _moe_down_proj_profile_op(
     channel_stats: bool = False,
     with_stats: bool = True,
     check_offsets: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _validate(x, w_down, offsets, bias, row_token, w_transposed)
+    row_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _validate(x, w_down, offsets, bias, row_token, w_transposed, row_weight)
     if check_offsets:
         check_offsets_values(_NAME, offsets, x.shape[0])
-    return tuple(
+    out = tuple(
         IMPLEMENTATIONS(
-            x.device.type, x, w_down, offsets, bias, row_token, w_transposed, channel_stats, with_stats=with_stats
+            x.device.type, x, w_down, offsets, bias, row_token, w_transposed, channel_stats,
+            with_stats=with_stats, row_weight=row_weight,
         )
     )
+    if len(out) == 6:  # a backend without row_weight: its norm_sum is zeros
+        out = (*out, torch.zeros(w_down.shape[0], dtype=torch.float32, device=x.device))
+    return out
 
 
 @_moe_down_proj_profile_op.register_fake
 def fake_outputs(
     x, w_down, offsets, bias=None, row_token=None, w_transposed=False, channel_stats=False, with_stats=True,
-    check_offsets=True,
+    check_offsets=True, row_weight=None,
 ):
-    """Validated empty outputs of the right shapes; also the fake of the native op."""
-    hidden = _validate(x, w_down, offsets, bias, row_token, w_transposed)
+    """Validated empty outputs of the right shapes."""
+    hidden = _validate(x, w_down, offsets, bias, row_token, w_transposed, row_weight)
     num_experts = w_down.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
     return (
@@ -118,11 +133,17 @@ def fake_outputs(
         torch.empty(num_experts, **f32),
         torch.empty(num_experts, dtype=torch.int64, device=x.device),
         torch.empty(num_experts, hidden if channel_stats else 0, **f32),
+        torch.empty(num_experts, **f32),
     )
 
 
+def _native_fake_outputs(*args, **kwargs):
+    """The fake of the native op, which has no `row_weight` and no norm_sum output."""
+    return fake_outputs(*args, **kwargs)[:6]
+
+
 if native.BUILT:
-    torch.library.register_fake("superexperts::moe_down_proj_profile_native")(fake_outputs)
+    torch.library.register_fake("superexperts::moe_down_proj_profile_native")(_native_fake_outputs)
 
 _ARGUMENT_TYPES = ArgumentTypes(_NAME, torch.ops.superexperts.moe_down_proj_profile.default._schema)
 
@@ -138,6 +159,7 @@ def moe_down_proj_profile(
     channel_stats: bool = False,
     with_stats: bool = True,
     check_offsets: bool = True,
+    row_weight: torch.Tensor | None = None,
 ) -> DownProjProfile:
     """Grouped expert down projection ``y[r] = x[r] @ w_down[e(r)].T (+ bias[e(r)])`` with the
     per-expert statistics of the written ``y`` reduced in the same pass.
@@ -159,6 +181,9 @@ def moe_down_proj_profile(
         check_offsets: check the values of `offsets` (see below). Callers that build
             `offsets` as a cumulative sum of row counts (the transformers integration does)
             pass False and keep the call free of host syncs.
+        row_weight: optional ``[S]`` fp32 weight of each row (the routing weight g of the
+            token-expert pair); ``norm_sum[e]`` sums ``row_weight[r] * ||y[r]||_2`` over
+            expert e's rows. Rows past ``offsets[-1]`` are not counted.
 
     What is checked, and when: the Python types of the arguments here; the ranks, dtypes,
     devices and sizes on every call of the op (no device access); the values of `offsets`
@@ -169,6 +194,6 @@ def moe_down_proj_profile(
     Returns:
         `DownProjProfile`. The stats are exactly those of the values written to ``y``.
     """
-    args = (x, w_down, offsets, bias, row_token, w_transposed, channel_stats, with_stats, check_offsets)
+    args = (x, w_down, offsets, bias, row_token, w_transposed, channel_stats, with_stats, check_offsets, row_weight)
     _ARGUMENT_TYPES.check(args)
     return DownProjProfile(*torch.ops.superexperts.moe_down_proj_profile(*args))

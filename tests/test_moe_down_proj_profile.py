@@ -1,6 +1,7 @@
 """moe_down_proj_profile: every backend against the pure-torch reference."""
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -210,6 +211,9 @@ def _bad_cases():
         ("bias", TypeError, dict(bias=bias.half())),
         ("row_token", ValueError, dict(row_token=torch.arange(3))),
         ("row_token", TypeError, dict(row_token=torch.zeros(6))),
+        ("row_weight", ValueError, dict(row_weight=torch.ones(5))),
+        ("row_weight", TypeError, dict(row_weight=torch.ones(6, dtype=torch.float16))),
+        ("row_weight", ValueError, dict(row_weight=torch.ones(6, 1))),
     ], dict(x=x, w_down=w, offsets=offsets, bias=bias)
 
 
@@ -228,7 +232,8 @@ def test_bad_input_through_torch_ops():
         kwargs = {**good, **override}
         if not all(isinstance(v, torch.Tensor) for v in kwargs.values()):
             continue  # the dispatcher itself rejects non-tensors
-        args = (kwargs["x"], kwargs["w_down"], kwargs["offsets"], kwargs["bias"], kwargs.get("row_token"), False, False)
+        args = (kwargs["x"], kwargs["w_down"], kwargs["offsets"], kwargs["bias"], kwargs.get("row_token"), False, False,
+                True, True, kwargs.get("row_weight"))
         with pytest.raises(exc, match=f"`{name}`"):
             torch.ops.superexperts.moe_down_proj_profile(*args)
 
@@ -292,3 +297,57 @@ def test_offsets_values_are_checked_unless_the_caller_opts_out(monkeypatch):
     assert reads == []
     sk.moe_down_proj_profile(x, w, good)
     assert len(reads) == 1
+
+
+def norm_sum_of(y, offsets, row_weight):
+    """sum over each expert's rows of row_weight[r] * ||y[r]||_2, one row at a time in fp64."""
+    out = torch.zeros(offsets.numel(), dtype=torch.float64)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        for r in range(start, end):
+            out[e] += float(row_weight[r]) * float(torch.linalg.vector_norm(y[r].double().cpu()))
+        start = end
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", CASES[1:5], ids=lambda c: c[0])
+def test_row_weight_norm_sum(dtype, case):
+    """norm_sum: the routing-weighted sum of the row norms of y as written, per expert; rows
+    past offsets[-1] (the tail) do not count. Calls with row_weight run on the backends that
+    honour it (the reference), whatever the default backend is."""
+    _, counts, hidden, inter, tail = case
+    x, w, offsets, bias = make_inputs(counts, hidden, inter, tail, dtype, "cpu", bias=True)
+    row_weight = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one-time "runs on the reference backend" notice
+        out = sk.moe_down_proj_profile(x, w, offsets, bias, row_weight=row_weight, check_offsets=False)
+    plain = run("reference", "cpu", x, w, offsets, bias)
+    assert torch.equal(out.y, plain.y) and torch.equal(out.out_absmax, plain.out_absmax)
+    assert out.norm_sum.dtype == torch.float32 and out.norm_sum.shape == (len(counts),)
+    torch.testing.assert_close(out.norm_sum.double(), norm_sum_of(out.y, offsets, row_weight), rtol=1e-5, atol=1e-5)
+    assert torch.all(out.norm_sum[torch.tensor(counts) == 0] == 0)
+    assert torch.all(plain.norm_sum == 0), "no row_weight: norm_sum is zeros"
+    bare = run("reference", "cpu", x, w, offsets, bias, row_weight=row_weight, with_stats=False)
+    assert torch.all(bare.norm_sum == 0)
+
+
+@pytest.mark.parametrize("backend", [b for b in all_backend_params() if b.values[0] != "reference"])
+def test_backends_without_row_weight(backend):
+    """Triton and native have no norm_sum yet: forced, a call with row_weight says so; without
+    row_weight their norm_sum output is zeros."""
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    x, w, offsets, _ = make_inputs([3, 0, 9, 1], 16, 24, 2, torch.float32, device)
+    assert torch.all(run(backend, device, x, w, offsets).norm_sum == 0)
+    with pytest.raises(ValueError, match="does not support `row_weight`; supported by: reference"):
+        run(backend, device, x, w, offsets, row_weight=torch.ones(x.shape[0], device=device))
+
+
+def test_opcheck_row_weight():
+    x, w, offsets, bias = make_inputs([3, 0, 9, 1], 16, 24, 2, torch.float32, "cpu", bias=True)
+    row_weight = torch.rand(x.shape[0])
+    with sk.use_backend(OP, "cpu", "reference"):
+        torch.library.opcheck(
+            torch.ops.superexperts.moe_down_proj_profile.default,
+            (x, w, offsets, bias, None, False, False, True, True, row_weight),
+        )

@@ -20,7 +20,8 @@ def moe_down_proj_profile_reference(
     channel_stats: bool,
     *,
     with_stats: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    row_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grouped down projection with per-expert statistics.
 
     Args:
@@ -35,11 +36,14 @@ def moe_down_proj_profile_reference(
         channel_stats: also return the per-expert, per-channel max ``[E, H]``.
         with_stats: False computes ``y`` only: ``rows`` is still counted, the other stats
             stay 0 (``out_argmax`` -1).
+        row_weight: optional ``[S]`` fp32 weight of each row.
 
     Returns:
         ``y [S, H]`` (x.dtype), ``out_absmax [E]`` fp32, ``out_argmax [E, 2]`` int64
         (row or token, channel; -1 for an expert without rows), ``in_absmax [E]`` fp32,
-        ``rows [E]`` int64, ``channel_absmax`` fp32 ``[E, H]`` (``[E, 0]`` when off).
+        ``rows [E]`` int64, ``channel_absmax`` fp32 ``[E, H]`` (``[E, 0]`` when off),
+        ``norm_sum [E]`` fp32: sum over the expert's rows of ``row_weight[r] * ||y[r]||_2``
+        (of y as written, in fp32; zeros without `row_weight` or stats).
     """
     num_rows = x.shape[0]
     num_experts = w_down.shape[0]
@@ -63,9 +67,10 @@ def moe_down_proj_profile_reference(
     out_argmax = torch.full((num_experts, 2), -1, dtype=torch.int64, device=dev)
     in_absmax = torch.zeros(num_experts, dtype=torch.float32, device=dev)
     channel_absmax = torch.zeros(num_experts, hidden if channel_stats else 0, dtype=torch.float32, device=dev)
+    norm_sum = torch.zeros(num_experts, dtype=torch.float32, device=dev)
     routed = int(ends[-1]) if num_experts else 0
     if not with_stats or routed == 0:
-        return y, out_absmax, out_argmax, in_absmax, rows, channel_absmax
+        return y, out_absmax, out_argmax, in_absmax, rows, channel_absmax, norm_sum
 
     # Segment reductions over the routed rows; ties go to the first row, then the first channel.
     expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=dev), rows)
@@ -85,4 +90,6 @@ def moe_down_proj_profile_reference(
     in_absmax.scatter_reduce_(0, expert_of_row, x[:routed].float().abs().amax(dim=1), "amax")
     if channel_stats:
         channel_absmax.index_reduce_(0, expert_of_row, a, "amax")
-    return y, out_absmax, out_argmax, in_absmax, rows, channel_absmax
+    if row_weight is not None:
+        norm_sum.index_add_(0, expert_of_row, row_weight[:routed] * torch.linalg.vector_norm(a, dim=1))
+    return y, out_absmax, out_argmax, in_absmax, rows, channel_absmax, norm_sum
