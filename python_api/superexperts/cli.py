@@ -35,6 +35,8 @@ def _add_rule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ratio", type=float, default=10.0, help="the paper rule's a > max/ratio")
     p.add_argument("--layer-fraction", type=float, default=0.75, help="candidate layers: the first round(f * num_layers)")
     p.add_argument("--layers", default=None, help="explicit candidate layers, e.g. '0-35' or '1,2,3'")
+    p.add_argument("--exclude-unrouted", action="store_true",
+                   help="leave experts that saw no calibration token out of the pool A (default: in A with a = 0, as the authors' tool)")
 
 
 def _parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -58,6 +60,7 @@ def _rule(args) -> Rule:
         k=args.k,
         layer_fraction=args.layer_fraction,
         layers=_parse_layers(args.layers),
+        exclude_unrouted=args.exclude_unrouted,
     )
 
 
@@ -80,7 +83,11 @@ def _load_tokens(path, tokenizer, config, args):
 def print_super_experts(result, rule: Rule) -> None:
     ses = result.super_experts(rule)
     units = {(u["layer"], u["expert"]): u for u in result.units()}
+    pool = result.pool(rule)
     print(f"\nSuper Experts ({rule.name}: {rule.describe()}; candidate layers 0-{max(rule.layer_set(result.num_layers), default=-1)})")
+    cut = "none" if pool["threshold"] is None else f"{pool['threshold']:.2f}"
+    print(f"pool A: {pool['candidates']} candidates; {pool['unrouted']} experts of L saw no token "
+          f"({'in A with a = 0' if pool['unrouted_in_pool'] else 'left out of A'}); threshold {cut}")
     print(f"{'rank':>4} {'layer':>5} {'expert':>8} {'output max':>11} {'input max':>10} {'rows':>7} {'sample':>6} {'pos':>5} {'channel':>7}")
     for se in ses:
         u = units[(se.layer, se.expert)]
@@ -149,17 +156,9 @@ def cmd_profile(args) -> int:
 
 
 def _experts_from_report(path: str):
-    from .ablation import expert_refs
+    from .report import read_report
 
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, dict):
-        data = data.get("super_experts")
-    if not isinstance(data, list):
-        raise ValueError(f"--super-experts: {path} holds neither a superexperts report.json nor a 'Super Experts Report.json' list")
-    try:
-        return expert_refs(data)
-    except ValueError as e:
-        raise ValueError(f"--super-experts: {path}: {e}") from None
+    return read_report(path)[0]
 
 
 def cmd_prune_eval(args) -> int:

@@ -54,6 +54,12 @@ class DownProjStats(_Stats):
     any row was seen). out_token, out_channel ``[n]`` int64: where it happened (-1 before
     any row).
     in_absmax ``[n]`` fp32: max |down_proj input|. rows ``[n]`` int64: rows seen.
+
+    Expert importance (`superexperts.importance`), sums over the rows seen, with ``g`` the
+    weight the model multiplies the unit's output by and ``y`` its down_proj output:
+    weight_sum ``[n]`` fp64: sum of g. norm_sum ``[n]`` fp64: sum of ``g * ||y||_2``.
+    top1 ``[n]`` int64: tokens whose largest routing weight was this expert's (0 for shared
+    experts and dense MLPs).
     """
 
     out_absmax: torch.Tensor
@@ -61,6 +67,9 @@ class DownProjStats(_Stats):
     out_channel: torch.Tensor
     in_absmax: torch.Tensor
     rows: torch.Tensor
+    weight_sum: torch.Tensor
+    norm_sum: torch.Tensor
+    top1: torch.Tensor
 
     @classmethod
     def empty(cls, n: int, device: torch.device) -> DownProjStats:
@@ -70,6 +79,9 @@ class DownProjStats(_Stats):
             out_channel=torch.full((n,), -1, dtype=torch.int64, device=device),
             in_absmax=torch.zeros(n, dtype=torch.float32, device=device),
             rows=torch.zeros(n, dtype=torch.int64, device=device),
+            weight_sum=torch.zeros(n, dtype=torch.float64, device=device),
+            norm_sum=torch.zeros(n, dtype=torch.float64, device=device),
+            top1=torch.zeros(n, dtype=torch.int64, device=device),
         )
 
     def update(
@@ -79,6 +91,9 @@ class DownProjStats(_Stats):
         out_channel: torch.Tensor,
         in_absmax: torch.Tensor,
         rows: torch.Tensor,
+        weight_sum: torch.Tensor,
+        norm_sum: torch.Tensor,
+        top1: torch.Tensor,
     ) -> None:
         better = _better(out_absmax, self.out_absmax) & (rows > 0)
         self.out_absmax = torch.where(better, out_absmax, self.out_absmax)
@@ -86,10 +101,13 @@ class DownProjStats(_Stats):
         self.out_channel = torch.where(better, out_channel, self.out_channel)
         self.in_absmax = torch.maximum(self.in_absmax, in_absmax)
         self.rows = self.rows + rows
+        self.weight_sum = self.weight_sum + weight_sum.double()
+        self.norm_sum = self.norm_sum + norm_sum.double()
+        self.top1 = self.top1 + top1
 
     def merge_ranks(self, group=None) -> None:
         """Merge every rank's stats in place: maxima, the first (token, channel) among the
-        ranks that hold the maximum, summed rows."""
+        ranks that hold the maximum, summed rows and importance sums."""
         local_max = self.out_absmax.clone()
         dist.all_reduce(self.out_absmax, op=dist.ReduceOp.MAX, group=group)
         holds_max = (local_max == self.out_absmax) & (self.out_token >= 0)
@@ -99,7 +117,8 @@ class DownProjStats(_Stats):
         self.out_token = torch.where(found, packed // _CHANNEL_SPAN, -1)
         self.out_channel = torch.where(found, packed % _CHANNEL_SPAN, -1)
         dist.all_reduce(self.in_absmax, op=dist.ReduceOp.MAX, group=group)
-        dist.all_reduce(self.rows, op=dist.ReduceOp.SUM, group=group)
+        for t in (self.rows, self.weight_sum, self.norm_sum, self.top1):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
 
 
 @dataclass
@@ -256,21 +275,23 @@ class StatsCollector(StatsTables):
         for name in TABLES:
             setattr(self, name, tables[name])
 
-    def record_grouped(
-        self,
-        layer: int,
-        out_absmax: torch.Tensor,
-        out_argmax: torch.Tensor,
-        in_absmax: torch.Tensor,
-        rows: torch.Tensor,
-    ) -> None:
-        """Record one call of the routed experts: the op's outputs, with token ids in out_argmax[:, 0]."""
-        stats = self.down_proj(ROUTED, layer, out_absmax.numel(), out_absmax.device)
-        stats.update(out_absmax, out_argmax[:, 0], out_argmax[:, 1], in_absmax, rows)
+    def record_grouped(self, layer: int, **stats: torch.Tensor) -> None:
+        """Record one call of a layer's routed experts, per expert ``[E]``: the op's
+        out_absmax, out_argmax (token ids in column 0), in_absmax, rows and norm_sum, and the
+        call's weight_sum and top1 (see `DownProjStats`)."""
+        out_absmax, out_argmax = stats["out_absmax"], stats["out_argmax"]
+        table = self.down_proj(ROUTED, layer, out_absmax.numel(), out_absmax.device)
+        table.update(
+            out_absmax, out_argmax[:, 0], out_argmax[:, 1], stats["in_absmax"], stats["rows"],
+            stats["weight_sum"], stats["norm_sum"], stats["top1"],
+        )
 
-    def record_linear(self, kind: str, layer: int, index: int, n: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    def record_linear(
+        self, kind: str, layer: int, index: int, n: int, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None
+    ) -> None:
         """Record one call of an ordinary down_proj, unit `index` of the `n` of its kind in
-        `layer`: x ``[..., I]``, y ``[..., H]`` over the batch's tokens in order."""
+        `layer`: x ``[..., I]``, y ``[..., H]`` over the batch's tokens in order; `gate`
+        ``[...]`` the weight the model multiplies each token's output by (None: 1)."""
         y2 = y.detach().reshape(-1, y.shape[-1])
         if y2.shape[0] == 0:
             return
@@ -279,6 +300,8 @@ class StatsCollector(StatsTables):
         device = y.device
         one = torch.zeros(n, dtype=torch.bool, device=device)
         one[index] = True
+        g = torch.ones(y2.shape[0], device=device) if gate is None else gate.detach().reshape(-1).float()
+        norms = torch.linalg.vector_norm(a.float(), dim=1)
         stats = self.down_proj(kind, layer, n, device)
         stats.update(
             torch.where(one, a.view(-1)[flat].float(), -1.0),
@@ -286,6 +309,9 @@ class StatsCollector(StatsTables):
             torch.where(one, flat % y2.shape[1], -1),
             torch.where(one, x.detach().abs().amax().float(), 0.0),
             one.long() * y2.shape[0],
+            torch.where(one, g.sum(dtype=torch.float64), 0.0),
+            torch.where(one, (g * norms).sum(dtype=torch.float64), 0.0),
+            torch.zeros(n, dtype=torch.int64, device=device),
         )
 
     def record_hidden(self, layer: int, h: torch.Tensor) -> None:

@@ -5,7 +5,9 @@ one grouped GEMM for ``gate_up_proj``, the model's own gate/activation, one grou
 for ``down_proj``. Both GEMMs run through ``torch.ops.superexperts.moe_down_proj_profile``,
 the first without statistics; the down projection's per-expert statistics (max |output|
 before the routing weight and the token/channel where it happened, max |input|, rows) go
-to the active collector. The offsets are a cumulative sum of row counts, valid by
+to the active collector, with the importance sums of `superexperts.importance`: the op
+also sums ``g * ||y||_2`` with the rows' routing weights g (``row_weight``), and the routing
+weights and top-1 choices are counted here. The offsets are a cumulative sum of row counts, valid by
 construction, so the op is told not to read them back (no host sync per call).
 
 The module's `superexperts.layers.ModuleTag` carries the rest:
@@ -32,10 +34,10 @@ from .layers import tag_of
 NAME = "superexperts"
 
 
-def _grouped_linear(x, weight, offsets, bias, transposed, row_token=None, *, with_stats=True):
+def _grouped_linear(x, weight, offsets, bias, transposed, row_token=None, *, with_stats=True, row_weight=None):
     return moe_down_proj_profile(
         x.to(weight.dtype), weight, offsets, bias, row_token, w_transposed=transposed, with_stats=with_stats,
-        check_offsets=False,
+        check_offsets=False, row_weight=row_weight,
     )
 
 
@@ -79,18 +81,21 @@ def superexperts_experts_forward(
 
     stats = _collector.active()
     layer = tag.layer if tag is not None else None
+    recording = stats is not None and layer is not None
     row_token = token_of_row + (stats.token_offset if stats is not None else 0)
+    routed = sorted_ids < num_experts
+    row_weight = torch.where(routed, top_k_weights.reshape(-1)[perm], 0)
     down_bias = getattr(self, "down_proj_bias", None) if self.has_bias else None
-    prof = _grouped_linear(act, self.down_proj, offsets, down_bias, self.is_transposed, row_token)
-    if stats is not None and layer is not None:
-        stats.record_grouped(layer, *_in_global_ids(prof, first, num_global))
+    prof = _grouped_linear(act, self.down_proj, offsets, down_bias, self.is_transposed, row_token,
+                           row_weight=row_weight.float() if recording else None)
+    if recording:
+        per_expert = _per_expert_stats(prof, sorted_ids, row_weight, expert_ids, top_k_weights, num_experts)
+        stats.record_grouped(layer, **_in_global_ids(per_expert, first, num_global))
 
     out = prof.y
     if getattr(self, "has_post_expert_norm", False):
         out = self.post_expert_norm(out)
-    routed = sorted_ids < num_experts
-    weights = torch.where(routed, top_k_weights.reshape(-1)[perm], 0).unsqueeze(-1)
-    weighted = torch.where(routed.unsqueeze(-1), out * weights, 0)
+    weighted = torch.where(routed.unsqueeze(-1), out * row_weight.unsqueeze(-1), 0)
 
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.numel(), device=device)
@@ -101,18 +106,31 @@ def superexperts_experts_forward(
     return final.to(hidden_states.dtype)
 
 
-def _in_global_ids(prof, first: int, num_global: int):
-    """The op's per-expert stats of this process's experts, placed at their global ids."""
-    out_absmax, out_argmax, in_absmax, rows = prof.out_absmax, prof.out_argmax, prof.in_absmax, prof.rows
-    if first == 0 and out_absmax.numel() == num_global:
-        return out_absmax, out_argmax, in_absmax, rows
-    held = slice(first, first + out_absmax.numel())
-    g_absmax = out_absmax.new_zeros(num_global)
-    g_argmax = out_argmax.new_full((num_global, 2), -1)
-    g_in = in_absmax.new_zeros(num_global)
-    g_rows = rows.new_zeros(num_global)
-    g_absmax[held], g_argmax[held], g_in[held], g_rows[held] = out_absmax, out_argmax, in_absmax, rows
-    return g_absmax, g_argmax, g_in, g_rows
+def _per_expert_stats(prof, sorted_ids, row_weight, expert_ids, top_k_weights, num_experts: int) -> dict:
+    """The op's per-expert stats ``[E]`` and the call's importance sums: the routing weights
+    of each expert's rows, and the tokens whose largest routing weight (first on ties) went to
+    each expert. Ids equal to `num_experts` (rows this process does not run) count nowhere."""
+    weight_sum = torch.zeros(num_experts + 1, device=row_weight.device).index_add_(0, sorted_ids, row_weight.float())
+    top1_id = expert_ids.view_as(top_k_weights).gather(1, top_k_weights.argmax(dim=-1, keepdim=True))
+    top1 = torch.bincount(top1_id.view(-1), minlength=num_experts + 1)
+    return dict(
+        out_absmax=prof.out_absmax, out_argmax=prof.out_argmax, in_absmax=prof.in_absmax, rows=prof.rows,
+        norm_sum=prof.norm_sum, weight_sum=weight_sum[:num_experts], top1=top1[:num_experts],
+    )
+
+
+def _in_global_ids(stats: dict[str, torch.Tensor], first: int, num_global: int) -> dict[str, torch.Tensor]:
+    """Per-expert stats ``[E_held, ...]`` of this process's experts, placed at their global ids
+    (the others: -1 locations, zeros)."""
+    held = next(iter(stats.values())).shape[0]
+    if first == 0 and held == num_global:
+        return stats
+    placed = {}
+    for name, t in stats.items():
+        g = t.new_full((num_global, *t.shape[1:]), -1 if name == "out_argmax" else 0)
+        g[first : first + held] = t
+        placed[name] = g
+    return placed
 
 
 def register() -> None:

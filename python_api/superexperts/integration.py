@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from . import attention as _attention
 from . import experts as _experts
 from .collector import DENSE, SHARED, StatsCollector, collecting
-from .layers import LayerParts, text_config
+from .layers import LayerParts, decoder_layers, text_config
 
 
 def register() -> None:
@@ -51,21 +52,50 @@ def our_implementations(model: torch.nn.Module, *, attention: bool = True) -> It
 
 def hook_layer(parts: LayerParts, stats: StatsCollector) -> list:
     """Forward hooks recording one layer's shared/dense down_proj outputs and its output
-    hidden states into `stats`; returns the handles."""
+    hidden states into `stats`; returns the handles.
+
+    A shared expert ``<name>`` with a sibling ``<name>_gate`` (a ``Linear`` to one output:
+    the Qwen2-MoE family scales the shared expert's output by ``sigmoid(gate(h))``) records
+    that sigmoid as its routing weight g; other shared experts and dense MLPs have g = 1.
+    """
     handles = []
     for kind, units in ((SHARED, parts.shared), (DENSE, parts.dense)):
-        for i, (_, down) in enumerate(units):
+        for i, (name, down) in enumerate(units):
+            record = functools.partial(stats.record_linear, kind, parts.index, i, len(units))
+            gate = _shared_expert_gate(parts.layer, name) if kind == SHARED else None
+            if gate is None:
+                handles.append(down.register_forward_hook(lambda m, inputs, output, record=record: record(inputs[0], output)))
+                continue
+            pending: dict = {}
 
-            def hook(module, inputs, output, kind=kind, i=i, n=len(units)):
-                stats.record_linear(kind, parts.index, i, n, inputs[0], output)
+            def flush(pending=pending, record=record):
+                if "y" in pending and "g" in pending:
+                    record(*pending.pop("y"), gate=pending.pop("g"))
 
-            handles.append(down.register_forward_hook(hook))
+            def down_hook(module, inputs, output, pending=pending, flush=flush):
+                pending["y"] = (inputs[0], output)
+                flush()
+
+            def gate_hook(module, inputs, output, pending=pending, flush=flush):
+                pending["g"] = torch.sigmoid(output.float())
+                flush()
+
+            handles += [down.register_forward_hook(down_hook), gate.register_forward_hook(gate_hook)]
 
     def layer_hook(module, inputs, output):
         stats.record_hidden(parts.index, output[0] if isinstance(output, tuple) else output)
 
     handles.append(parts.layer.register_forward_hook(layer_hook))
     return handles
+
+
+def _shared_expert_gate(layer: torch.nn.Module, name: str) -> torch.nn.Linear | None:
+    """The ``<name>_gate`` sibling of shared expert `name` in `layer` (a Linear to one output), or None."""
+    try:
+        gate = layer.get_submodule(f"{name}_gate")
+    except AttributeError:
+        return None
+    return gate if isinstance(gate, torch.nn.Linear) and gate.out_features == 1 else None
 
 
 def as_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -124,10 +154,13 @@ def run_batches(
 def describe_model(model: torch.nn.Module, parts: list[LayerParts]) -> dict:
     """The model's fields of a `ProfileResult`: type, layer count and kinds, shared/dense names."""
     cfg = text_config(model.config)
+    layers = decoder_layers(model)
     return {
         "model_type": getattr(cfg, "model_type", type(model).__name__),
         "num_layers": len(parts),
         "layer_kinds": ["moe" if p.is_moe else "dense" for p in parts],
         "shared_names": {p.index: [n for n, _ in p.shared] for p in parts if p.shared},
         "dense_names": {p.index: [n for n, _ in p.dense] for p in parts if p.dense},
+        "layers_name": next(name for name, m in model.named_modules() if m is layers),
+        "experts_names": {p.index: p.experts_name for p in parts if p.is_moe},
     }
