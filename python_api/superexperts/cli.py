@@ -1,4 +1,4 @@
-"""The ``superexperts`` command line: ``profile``, ``prune-eval`` and ``demo``."""
+"""The ``superexperts`` command line: ``profile``, ``prune-eval``, ``prune``, ``protect`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .importance import CRITERIA
 from .rules import RULES, Rule
 
 
@@ -182,6 +183,59 @@ def cmd_prune_eval(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from .compress import plan_pruning, summary, write_pruned
+    from .loading import check_model_dir, load_model
+    from .report import read_report
+    from .result import META_FILE, ProfileResult
+
+    protect = read_report(args.protect_super_experts, "--protect-super-experts")[0] if args.protect_super_experts else []
+    profile_dir = args.profile
+    if profile_dir is None and args.protect_super_experts:
+        report = Path(args.protect_super_experts)
+        profile_dir = report if report.is_dir() else report.parent
+    if profile_dir is None or not (Path(profile_dir) / META_FILE).is_file():
+        raise ValueError(
+            "prune needs the importance sums of a profile: pass --profile DIR (an output directory of "
+            "`superexperts profile`), or a --protect-super-experts report that sits in one"
+        )
+    result = ProfileResult.load(profile_dir)
+    plan = plan_pruning(result, criterion=args.criterion, keep_ratio=args.keep_ratio, protect=protect)
+    check_model_dir(args.model)
+    model, _ = load_model(args.model, dtype=args.dtype, device="cpu")
+    out = write_pruned(model, plan, args.out, source_dir=args.model)
+    print(summary(plan))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_protect(args) -> int:
+    from .protect import module_names, names_from_model, protection, render
+    from .report import read_report
+
+    experts, model_meta = read_report(args.report, "--report")
+    if args.model:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .loading import check_model_dir
+
+        config = check_model_dir(args.model)
+        with torch.device("meta"):
+            names = names_from_model(AutoModelForCausalLM.from_config(config))
+    elif model_meta is None:
+        raise ValueError(f"--report: {args.report} is the authors' list, which does not name the model's modules: pass --model")
+    else:
+        names = module_names(model_meta)
+    text = json.dumps(render(protection(experts, names), args.format), indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .ablation import ablate
     from .calibration import load_calibration
@@ -240,6 +294,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write ablation.json (and sink_decay.png) here")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_prune_eval)
+
+    p = sub.add_parser("prune", help="write a smaller checkpoint without the least important routed experts")
+    p.add_argument("--model", required=True, help="transformers checkpoint directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
+    p.add_argument("--criterion", default="reap", choices=CRITERIA, help="expert importance (default %(default)s)")
+    p.add_argument("--keep-ratio", type=float, default=0.5, help="routed experts kept per MoE layer (default %(default)s)")
+    p.add_argument("--protect-super-experts", default=None, metavar="REPORT",
+                   help="never prune these: a report.json, a 'Super Experts Report.json', or a profile output directory")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="the `superexperts profile` output with the importance sums (default: the REPORT's directory)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("protect", help="ignore lists that keep Super Experts in high precision through quantization")
+    p.add_argument("--report", required=True, help="a report.json, a 'Super Experts Report.json', or a profile output directory")
+    p.add_argument("--format", default="json", choices=["json", "llmcompressor", "modelopt"])
+    p.add_argument("--model", default=None, help="checkpoint directory to read module names from (needed for the authors' list)")
+    p.add_argument("--out", default=None, help="write here instead of stdout")
+    p.set_defaults(func=cmd_protect)
 
     p = sub.add_parser("demo", help="build a tiny MoE with planted Super Experts, profile it, prune them")
     p.add_argument("--out", default="superexperts_demo", help="output directory")
