@@ -168,3 +168,15 @@ def test_scores_and_nan_first():
     assert [e for e, _ in ranking(s, "frequency")] == [2, 0, 3, 1]
     assert [e for e, _ in ranking(s, "top1")] == [2, 0, 1, 3]
     assert set(CRITERIA) == {"reap", "ean", "frequency", "weight", "top1"}
+
+
+def test_stats_saved_without_importance_sums_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    superexperts.register()
+    result = superexperts.profile(build_model("mixtral"), tokens(1, 8), progress=False)
+    result.save(tmp_path)
+    old = {k: v for k, v in load_file(str(tmp_path / "stats.safetensors")).items() if not k.endswith(("norm_sum", "weight_sum", "top1"))}
+    save_file(old, str(tmp_path / "stats.safetensors"))
+    with pytest.raises(ValueError, match="lack norm_sum, top1, weight_sum: written by an older superexperts"):
+        ProfileResult.load(tmp_path)

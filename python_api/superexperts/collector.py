@@ -243,6 +243,12 @@ class StatsTables:
             grouped.setdefault((name, int(layer)), {})[stat] = t.to(device)
         tables: dict[str, dict] = {name: {} for name in TABLES}
         for (name, layer), stats in sorted(grouped.items()):
+            missing = sorted({f.name for f in fields(TABLES[name])} - set(stats))
+            if missing:
+                raise ValueError(
+                    f"saved statistics {name}.{layer} lack {', '.join(missing)}: written by an older superexperts; "
+                    "profile again (or resume with a new checkpoint directory)"
+                )
             tables[name][layer] = TABLES[name](**stats)
         return tables
 
