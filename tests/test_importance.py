@@ -180,3 +180,28 @@ def test_stats_saved_without_importance_sums_are_refused(tmp_path):
     save_file(old, str(tmp_path / "stats.safetensors"))
     with pytest.raises(ValueError, match="lack norm_sum, top1, weight_sum: written by an older superexperts"):
         ProfileResult.load(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["dbrx", "jetmoe", "step3p7", "longcat_flash", "llama4"])
+def test_adapter_families_record_the_sums_they_can(family):
+    """Families outside the ExpertsInterface: those that weight the expert outputs (top_k,
+    sorted_rows) record the sums, one top-1 per token (LongCat's identity experts take some
+    top-1 choices: at most one per token); Llama 4 scales the expert inputs by the routing
+    weight, so it records rows only."""
+    superexperts.register()
+    model = build_model(family)
+    ids = tokens(2, 12, seed=8)
+    result = superexperts.profile(model, ids, progress=False)
+    assert result.routed
+    for layer, s in result.routed.items():
+        routed = s.rows > 0
+        assert routed.any()
+        if family == "llama4":
+            assert not s.weight_sum.any() and not s.norm_sum.any() and not s.top1.any()
+            continue
+        assert torch.all(s.weight_sum[routed] > 0) and torch.all(s.norm_sum[routed] > 0)
+        assert torch.all(s.weight_sum[~routed] == 0) and torch.all(s.top1[~routed] == 0)
+        if family == "longcat_flash":
+            assert int(s.top1.sum()) <= ids.numel()
+        else:
+            assert int(s.top1.sum()) == ids.numel()

@@ -46,6 +46,10 @@ class _Stats:
         return type(self)(**{k: v.to(device) for k, v in self.tensors().items()})
 
 
+# The importance sums of `DownProjStats` and their dtypes.
+IMPORTANCE_FIELDS = {"weight_sum": torch.float64, "norm_sum": torch.float64, "top1": torch.int64}
+
+
 @dataclass
 class DownProjStats(_Stats):
     """Running down_proj statistics of `n` units (the experts of one layer, or one MLP).
@@ -59,7 +63,8 @@ class DownProjStats(_Stats):
     weight the model multiplies the unit's output by and ``y`` its down_proj output:
     weight_sum ``[n]`` fp64: sum of g. norm_sum ``[n]`` fp64: sum of ``g * ||y||_2``.
     top1 ``[n]`` int64: tokens whose largest routing weight was this expert's (0 for shared
-    experts and dense MLPs).
+    experts and dense MLPs). Recorders that do not take them (the vLLM plugin) leave them
+    None at construction: they start at zero.
     """
 
     out_absmax: torch.Tensor
@@ -67,9 +72,15 @@ class DownProjStats(_Stats):
     out_channel: torch.Tensor
     in_absmax: torch.Tensor
     rows: torch.Tensor
-    weight_sum: torch.Tensor
-    norm_sum: torch.Tensor
-    top1: torch.Tensor
+    weight_sum: torch.Tensor = None
+    norm_sum: torch.Tensor = None
+    top1: torch.Tensor = None
+
+    def __post_init__(self):
+        n, device = self.rows.shape, self.rows.device
+        for name, dtype in IMPORTANCE_FIELDS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(n, dtype=dtype, device=device))
 
     @classmethod
     def empty(cls, n: int, device: torch.device) -> DownProjStats:
@@ -79,9 +90,6 @@ class DownProjStats(_Stats):
             out_channel=torch.full((n,), -1, dtype=torch.int64, device=device),
             in_absmax=torch.zeros(n, dtype=torch.float32, device=device),
             rows=torch.zeros(n, dtype=torch.int64, device=device),
-            weight_sum=torch.zeros(n, dtype=torch.float64, device=device),
-            norm_sum=torch.zeros(n, dtype=torch.float64, device=device),
-            top1=torch.zeros(n, dtype=torch.int64, device=device),
         )
 
     def update(
@@ -184,9 +192,10 @@ class SinkStats(_Stats):
             count=torch.zeros((), dtype=torch.int64, device=device),
         )
 
-    def add(self, mass_sum: torch.Tensor, count: torch.Tensor) -> None:
-        """Add per-head sums ``[heads]`` over `count` queries."""
-        self.mass_sum = self.mass_sum + mass_sum
+    def add(self, mass_sum: torch.Tensor, count: torch.Tensor, first_head: int = 0) -> None:
+        """Add per-head sums of heads ``first_head ..`` over `count` queries."""
+        after = self.mass_sum.numel() - first_head - mass_sum.numel()
+        self.mass_sum = self.mass_sum + torch.nn.functional.pad(mass_sum, (first_head, after))
         self.count = self.count + count
 
     def mean(self) -> torch.Tensor:
@@ -336,10 +345,19 @@ class StatsCollector(StatsTables):
             torch.tensor(a.numel(), device=h.device),
         )
 
-    def record_sink(self, layer: int, sink_mass: torch.Tensor, query_valid: torch.Tensor | None = None) -> None:
+    def record_sink(
+        self,
+        layer: int,
+        sink_mass: torch.Tensor,
+        query_valid: torch.Tensor | None = None,
+        heads: tuple[int, int] | None = None,
+    ) -> None:
         """Record per-query sink mass ``[B, heads, T]``; queries 0 (the sink itself) are left out.
 
         query_valid: optional bool ``[B, T]`` (False for padding queries).
+        heads: ``(first, total)`` when the layer's ``total`` heads come from several attention
+            modules run on the same queries (`superexperts.layers.ModuleTag.heads`): these are
+            heads ``first ..``; the module holding head 0 counts the queries.
         """
         mass = sink_mass.detach()[:, :, 1:].double()
         if query_valid is not None:
@@ -348,9 +366,10 @@ class StatsCollector(StatsTables):
             count = query_valid[:, 1:].sum()
         else:
             count = torch.tensor(mass.shape[0] * mass.shape[2], device=mass.device)
+        first, total = heads if heads is not None else (0, sink_mass.shape[1])
         if layer not in self.sink:
-            self.sink[layer] = SinkStats.empty(sink_mass.shape[1], sink_mass.device)
-        self.sink[layer].add(mass.sum(dim=(0, 2)), count)
+            self.sink[layer] = SinkStats.empty(total, sink_mass.device)
+        self.sink[layer].add(mass.sum(dim=(0, 2)), count if first == 0 else torch.zeros_like(count), first)
 
 
 _active: list[StatsCollector] = []

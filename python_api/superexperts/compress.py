@@ -119,8 +119,13 @@ def pruned_state_dict(model: torch.nn.Module, plan: PrunePlan) -> dict[str, torc
             continue
         if p.index not in plan.keep:
             raise ValueError(f"the plan has no entry for MoE layer {p.index}; was it made from this model's profile?")
-        if p.experts.num_experts != num:
-            raise ValueError(f"layer {p.index} has {p.experts.num_experts} experts, the plan was made for {num}")
+        if p.adapter is not None:
+            raise ValueError(
+                f"layer {p.index}: {p.adapter.family}'s experts run outside transformers' ExpertsInterface; prune writes "
+                "checkpoints of ExpertsInterface families only"
+            )
+        if p.num_experts != num:
+            raise ValueError(f"layer {p.index} has {p.num_experts} experts, the plan was made for {num}")
         parent, _, _ = p.experts_name.rpartition(".")
         if not parent:
             raise ValueError(f"layer {p.index}: the experts module is not inside an MoE block; cannot find its router")

@@ -49,15 +49,19 @@ NOTE_MODELOPT_INPUTS = (
 
 
 def module_names(model_meta: dict) -> dict:
-    """``{"layers": "model.layers", "experts": {l: "mlp.experts"}, "shared": {l: [...]}}`` from
-    a report's model metadata (`ProfileResult.metadata`)."""
-    experts = {int(k): v for k, v in (model_meta.get("experts_names") or {}).items()}
-    if not model_meta.get("layers_name") or not experts:
-        raise ValueError("the report does not name the model's modules (made before module names were recorded): pass --model")
+    """``{"layers": "model.layers", "experts": {l: "mlp.experts"}, "shared": {l: [...]},
+    "adapter": None or the family}`` from a report's model metadata (`ProfileResult.metadata`:
+    its ``structure`` and ``shared_names``)."""
+    structure = model_meta.get("structure") or {}
+    routed = structure.get("routed_experts") or {}
+    if not structure.get("decoder_layers") or not routed.get("path"):
+        raise ValueError("the report does not name the model's modules (made before they were recorded): pass --model")
+    runs_through = routed.get("runs_through", "ExpertsInterface")
     return {
-        "layers": model_meta["layers_name"],
-        "experts": experts,
+        "layers": structure["decoder_layers"],
+        "experts": {i: routed["path"] for i, kind in enumerate(model_meta.get("layer_kinds", [])) if kind == "moe"},
         "shared": {int(k): v for k, v in (model_meta.get("shared_names") or {}).items()},
+        "adapter": None if runs_through == "ExpertsInterface" else runs_through,
     }
 
 
@@ -72,6 +76,11 @@ def names_from_model(model) -> dict:
 def protection(experts: list[ExpertRef], names: dict) -> dict:
     """Module lists and per-tool patterns keeping `experts` (``(layer, expert id | "shared")``)
     in high precision; see the module docstring for what each tool can keep apart."""
+    if names.get("adapter"):
+        raise ValueError(
+            f"this family's routed experts run outside transformers' ExpertsInterface ({names['adapter']}): the "
+            "quantization tools' names for them are not known here"
+        )
     modules, llmc, llmc_layers, mo, mo_layers = [], [], [], {}, {}
     for layer, expert in experts:
         prefix = f"{names['layers']}.{layer}"

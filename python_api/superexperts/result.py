@@ -37,8 +37,7 @@ class ProfileResult(StatsTables):
     layer_kinds: list[str]
     shared_names: dict[int, list[str]] = field(default_factory=dict)
     dense_names: dict[int, list[str]] = field(default_factory=dict)
-    layers_name: str = ""  # the decoder layers' ModuleList in the model, e.g. "model.layers"
-    experts_names: dict[int, str] = field(default_factory=dict)  # per MoE layer, e.g. "mlp.experts"
+    structure: dict = field(default_factory=dict)  # how the layers map onto the config (`layers.describe_structure`)
     elapsed_s: float = 0.0
     work_fraction: float = 1.0  # share of the run done in `elapsed_s` (less than 1 after a resume)
 
@@ -183,7 +182,6 @@ class ProfileResult(StatsTables):
         meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in TABLES}
         meta["shared_names"] = {str(k): v for k, v in self.shared_names.items()}
         meta["dense_names"] = {str(k): v for k, v in self.dense_names.items()}
-        meta["experts_names"] = {str(k): v for k, v in self.experts_names.items()}
         return meta
 
     def save(self, directory: str | Path) -> Path:
@@ -202,6 +200,5 @@ class ProfileResult(StatsTables):
             meta = json.load(f)
         meta["shared_names"] = {int(k): v for k, v in meta["shared_names"].items()}
         meta["dense_names"] = {int(k): v for k, v in meta["dense_names"].items()}
-        meta["experts_names"] = {int(k): v for k, v in meta.get("experts_names", {}).items()}
         tables = StatsTables.tables_from_flat(load_file(str(d / STATS_FILE)))
         return cls(**meta, **tables)
