@@ -25,8 +25,17 @@ def test_paper_rule_finds_planted_in_candidate_layers_only():
 def test_paper_rule_threshold_matches_numpy_percentile():
     cands = pool(planted=[(0, 0, 100.0)])
     values = np.array([v for layer, _, v in cands if layer < 6])
-    want = max(np.percentile(values, 99.5), values.max() / 10)
+    want = max(np.percentile(values, 99.5), values.max() // 10)
     assert threshold(torch.tensor(values), Rule()) == pytest.approx(want, rel=1e-12)
+
+
+def test_max_condition_floors_like_the_authors():
+    """The authors' code keeps a > np.max(A) // 10 (floor): with max 105 a value of 10.4
+    passes (10.4 > 10), which max/10 = 10.5 would have blocked."""
+    cands = [(0, e, 1.0) for e in range(998)] + [(0, 998, 105.0), (0, 999, 10.4)]
+    assert threshold(torch.tensor([v for *_, v in cands]), Rule(layer_fraction=1.0)) == 10.0
+    found = detect(cands, num_layers=1, rule=Rule(layer_fraction=1.0))
+    assert [(s.expert, s.value) for s in found] == [(998, 105.0), (999, 10.4)]
 
 
 def test_max_ratio_condition_blocks_mild_outliers():

@@ -292,3 +292,29 @@ def record_op_calls(monkeypatch) -> list[tuple[bool, bool]]:
 
     monkeypatch.setattr(experts, "moe_down_proj_profile", recording)
     return calls
+
+
+def force_unrouted(model, experts: dict[int, list[int]], channel: int = 0, carrier: float = 1.0, weight: float = 50.0) -> None:
+    """Make ``experts[layer]`` never chosen by the router: every token embedding carries
+    `carrier` in `channel`, which nothing reads (its input columns in every linear layer,
+    fused expert and router are zeroed) except those experts' router rows, set to ``-weight``
+    there (a router logit of about ``-weight * 5`` after the RMSNorm)."""
+    from superexperts.layers import find_layers
+
+    parts = {p.index: p for p in find_layers(model)}
+    hidden = model.get_input_embeddings().weight.shape[1]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, channel] = carrier
+        for p in parts.values():
+            for m in p.layer.modules():
+                if isinstance(m, nn.Linear) and m.in_features == hidden:
+                    m.weight[:, channel] = 0.0
+            if p.is_moe:
+                up = p.experts.gate_up_proj if p.experts.has_gate else p.experts.up_proj
+                up[..., channel] = 0.0
+                p.layer.get_submodule(p.experts_name.rpartition(".")[0]).gate.weight[:, channel] = 0.0
+        for layer, ids in experts.items():
+            p = parts[layer]
+            router = p.layer.get_submodule(p.experts_name.rpartition(".")[0]).gate.weight
+            router[ids] = 0.0
+            router[ids, channel] = -weight

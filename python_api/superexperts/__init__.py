@@ -7,13 +7,18 @@ The user-facing toolkit on top of the ops in `superexperts_kernels`:
   through transformers' ExpertsInterface / AttentionInterface, or a declared adapter for
   the families whose experts bypass it (`superexperts families` lists every MoE family);
 - `ProfileResult.super_experts(Rule(...))`: the paper's rule and others;
+- `ProfileResult.importance(criterion)`: REAP, EAN, frequency, ... rankings per layer;
 - `prune_experts`, `prune_super_experts`, `evaluate`, `ablate`, `sink_decay`: ablations;
+- `plan_pruning`, `write_pruned`: a smaller checkpoint without the least important experts;
+  `protection`: quantizer ignore lists that keep Super Experts in high precision;
 - `write_report`: JSON, the authors' report format, raw stats and plots.
 """
 
 from .ablation import AblationResult, Evaluation, Pruning, ablate, evaluate, prune_experts, prune_super_experts, sink_decay
+from .compress import PrunePlan, plan_pruning, write_pruned
 from .integration import register
 from .profiler import profile
+from .protect import protection
 from .report import write_report
 from .result import ProfileResult
 from .rules import Rule, SuperExpert, detect
@@ -22,17 +27,21 @@ __all__ = [
     "AblationResult",
     "Evaluation",
     "ProfileResult",
+    "PrunePlan",
     "Pruning",
     "Rule",
     "SuperExpert",
     "ablate",
     "detect",
     "evaluate",
+    "plan_pruning",
     "profile",
+    "protection",
     "prune_experts",
     "prune_super_experts",
     "register",
     "sink_decay",
+    "write_pruned",
     "write_report",
 ]
 

@@ -1,4 +1,4 @@
-"""The ``superexperts`` command line: ``profile``, ``prune-eval``, ``demo`` and ``families``."""
+"""The ``superexperts`` command line: ``profile``, ``prune-eval``, ``prune``, ``protect``, ``demo`` and ``families``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .importance import CRITERIA
 from .rules import RULES, Rule
 
 
@@ -35,6 +36,8 @@ def _add_rule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ratio", type=float, default=10.0, help="the paper rule's a > max/ratio")
     p.add_argument("--layer-fraction", type=float, default=0.75, help="candidate layers: the first round(f * num_layers)")
     p.add_argument("--layers", default=None, help="explicit candidate layers, e.g. '0-35' or '1,2,3'")
+    p.add_argument("--exclude-unrouted", action="store_true",
+                   help="leave experts that saw no calibration token out of the pool A (default: in A with a = 0, as the authors' tool)")
 
 
 def _parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -58,6 +61,7 @@ def _rule(args) -> Rule:
         k=args.k,
         layer_fraction=args.layer_fraction,
         layers=_parse_layers(args.layers),
+        exclude_unrouted=args.exclude_unrouted,
     )
 
 
@@ -80,7 +84,11 @@ def _load_tokens(path, tokenizer, config, args):
 def print_super_experts(result, rule: Rule) -> None:
     ses = result.super_experts(rule)
     units = {(u["layer"], u["expert"]): u for u in result.units()}
+    pool = result.pool(rule)
     print(f"\nSuper Experts ({rule.name}: {rule.describe()}; candidate layers 0-{max(rule.layer_set(result.num_layers), default=-1)})")
+    cut = "none" if pool["threshold"] is None else f"{pool['threshold']:.2f}"
+    print(f"pool A: {pool['candidates']} candidates; {pool['unrouted']} experts of L saw no token "
+          f"({'in A with a = 0' if pool['unrouted_in_pool'] else 'left out of A'}); threshold {cut}")
     print(f"{'rank':>4} {'layer':>5} {'expert':>8} {'output max':>11} {'input max':>10} {'rows':>7} {'sample':>6} {'pos':>5} {'channel':>7}")
     for se in ses:
         u = units[(se.layer, se.expert)]
@@ -149,17 +157,9 @@ def cmd_profile(args) -> int:
 
 
 def _experts_from_report(path: str):
-    from .ablation import expert_refs
+    from .report import read_report
 
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, dict):
-        data = data.get("super_experts")
-    if not isinstance(data, list):
-        raise ValueError(f"--super-experts: {path} holds neither a superexperts report.json nor a 'Super Experts Report.json' list")
-    try:
-        return expert_refs(data)
-    except ValueError as e:
-        raise ValueError(f"--super-experts: {path}: {e}") from None
+    return read_report(path)[0]
 
 
 def cmd_prune_eval(args) -> int:
@@ -180,6 +180,59 @@ def cmd_prune_eval(args) -> int:
     if args.out:
         write_ablation(ablation, args.out, plots=not args.no_plots)
         print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from .compress import plan_pruning, summary, write_pruned
+    from .loading import check_model_dir, load_model
+    from .report import read_report
+    from .result import META_FILE, ProfileResult
+
+    protect = read_report(args.protect_super_experts, "--protect-super-experts")[0] if args.protect_super_experts else []
+    profile_dir = args.profile
+    if profile_dir is None and args.protect_super_experts:
+        report = Path(args.protect_super_experts)
+        profile_dir = report if report.is_dir() else report.parent
+    if profile_dir is None or not (Path(profile_dir) / META_FILE).is_file():
+        raise ValueError(
+            "prune needs the importance sums of a profile: pass --profile DIR (an output directory of "
+            "`superexperts profile`), or a --protect-super-experts report that sits in one"
+        )
+    result = ProfileResult.load(profile_dir)
+    plan = plan_pruning(result, criterion=args.criterion, keep_ratio=args.keep_ratio, protect=protect)
+    check_model_dir(args.model)
+    model, _ = load_model(args.model, dtype=args.dtype, device="cpu")
+    out = write_pruned(model, plan, args.out, source_dir=args.model)
+    print(summary(plan))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_protect(args) -> int:
+    from .protect import module_names, names_from_model, protection, render
+    from .report import read_report
+
+    experts, model_meta = read_report(args.report, "--report")
+    if args.model:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .loading import check_model_dir
+
+        config = check_model_dir(args.model)
+        with torch.device("meta"):
+            names = names_from_model(AutoModelForCausalLM.from_config(config))
+    elif model_meta is None:
+        raise ValueError(f"--report: {args.report} is the authors' list, which does not name the model's modules: pass --model")
+    else:
+        names = module_names(model_meta)
+    text = json.dumps(render(protection(experts, names), args.format), indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -249,6 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write ablation.json (and sink_decay.png) here")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_prune_eval)
+
+    p = sub.add_parser("prune", help="write a smaller checkpoint without the least important routed experts")
+    p.add_argument("--model", required=True, help="transformers checkpoint directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
+    p.add_argument("--criterion", default="reap", choices=CRITERIA, help="expert importance (default %(default)s)")
+    p.add_argument("--keep-ratio", type=float, default=0.5, help="routed experts kept per MoE layer (default %(default)s)")
+    p.add_argument("--protect-super-experts", default=None, metavar="REPORT",
+                   help="never prune these: a report.json, a 'Super Experts Report.json', or a profile output directory")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="the `superexperts profile` output with the importance sums (default: the REPORT's directory)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("protect", help="ignore lists that keep Super Experts in high precision through quantization")
+    p.add_argument("--report", required=True, help="a report.json, a 'Super Experts Report.json', or a profile output directory")
+    p.add_argument("--format", default="json", choices=["json", "llmcompressor", "modelopt"])
+    p.add_argument("--model", default=None, help="checkpoint directory to read module names from (needed for the authors' list)")
+    p.add_argument("--out", default=None, help="write here instead of stdout")
+    p.set_defaults(func=cmd_protect)
 
     p = sub.add_parser("demo", help="build a tiny MoE with planted Super Experts, profile it, prune them")
     p.add_argument("--out", default="superexperts_demo", help="output directory")

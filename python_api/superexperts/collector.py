@@ -46,6 +46,10 @@ class _Stats:
         return type(self)(**{k: v.to(device) for k, v in self.tensors().items()})
 
 
+# The importance sums of `DownProjStats` and their dtypes.
+IMPORTANCE_FIELDS = {"weight_sum": torch.float64, "norm_sum": torch.float64, "top1": torch.int64}
+
+
 @dataclass
 class DownProjStats(_Stats):
     """Running down_proj statistics of `n` units (the experts of one layer, or one MLP).
@@ -54,6 +58,13 @@ class DownProjStats(_Stats):
     any row was seen). out_token, out_channel ``[n]`` int64: where it happened (-1 before
     any row).
     in_absmax ``[n]`` fp32: max |down_proj input|. rows ``[n]`` int64: rows seen.
+
+    Expert importance (`superexperts.importance`), sums over the rows seen, with ``g`` the
+    weight the model multiplies the unit's output by and ``y`` its down_proj output:
+    weight_sum ``[n]`` fp64: sum of g. norm_sum ``[n]`` fp64: sum of ``g * ||y||_2``.
+    top1 ``[n]`` int64: tokens whose largest routing weight was this expert's (0 for shared
+    experts and dense MLPs). Recorders that do not take them (the vLLM plugin) leave them
+    None at construction: they start at zero.
     """
 
     out_absmax: torch.Tensor
@@ -61,6 +72,15 @@ class DownProjStats(_Stats):
     out_channel: torch.Tensor
     in_absmax: torch.Tensor
     rows: torch.Tensor
+    weight_sum: torch.Tensor = None
+    norm_sum: torch.Tensor = None
+    top1: torch.Tensor = None
+
+    def __post_init__(self):
+        n, device = self.rows.shape, self.rows.device
+        for name, dtype in IMPORTANCE_FIELDS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(n, dtype=dtype, device=device))
 
     @classmethod
     def empty(cls, n: int, device: torch.device) -> DownProjStats:
@@ -79,6 +99,9 @@ class DownProjStats(_Stats):
         out_channel: torch.Tensor,
         in_absmax: torch.Tensor,
         rows: torch.Tensor,
+        weight_sum: torch.Tensor,
+        norm_sum: torch.Tensor,
+        top1: torch.Tensor,
     ) -> None:
         better = _better(out_absmax, self.out_absmax) & (rows > 0)
         self.out_absmax = torch.where(better, out_absmax, self.out_absmax)
@@ -86,10 +109,13 @@ class DownProjStats(_Stats):
         self.out_channel = torch.where(better, out_channel, self.out_channel)
         self.in_absmax = torch.maximum(self.in_absmax, in_absmax)
         self.rows = self.rows + rows
+        self.weight_sum = self.weight_sum + weight_sum.double()
+        self.norm_sum = self.norm_sum + norm_sum.double()
+        self.top1 = self.top1 + top1
 
     def merge_ranks(self, group=None) -> None:
         """Merge every rank's stats in place: maxima, the first (token, channel) among the
-        ranks that hold the maximum, summed rows."""
+        ranks that hold the maximum, summed rows and importance sums."""
         local_max = self.out_absmax.clone()
         dist.all_reduce(self.out_absmax, op=dist.ReduceOp.MAX, group=group)
         holds_max = (local_max == self.out_absmax) & (self.out_token >= 0)
@@ -99,7 +125,8 @@ class DownProjStats(_Stats):
         self.out_token = torch.where(found, packed // _CHANNEL_SPAN, -1)
         self.out_channel = torch.where(found, packed % _CHANNEL_SPAN, -1)
         dist.all_reduce(self.in_absmax, op=dist.ReduceOp.MAX, group=group)
-        dist.all_reduce(self.rows, op=dist.ReduceOp.SUM, group=group)
+        for t in (self.rows, self.weight_sum, self.norm_sum, self.top1):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
 
 
 @dataclass
@@ -225,6 +252,12 @@ class StatsTables:
             grouped.setdefault((name, int(layer)), {})[stat] = t.to(device)
         tables: dict[str, dict] = {name: {} for name in TABLES}
         for (name, layer), stats in sorted(grouped.items()):
+            missing = sorted({f.name for f in fields(TABLES[name])} - set(stats))
+            if missing:
+                raise ValueError(
+                    f"saved statistics {name}.{layer} lack {', '.join(missing)}: written by an older superexperts; "
+                    "profile again (or resume with a new checkpoint directory)"
+                )
             tables[name][layer] = TABLES[name](**stats)
         return tables
 
@@ -257,21 +290,23 @@ class StatsCollector(StatsTables):
         for name in TABLES:
             setattr(self, name, tables[name])
 
-    def record_grouped(
-        self,
-        layer: int,
-        out_absmax: torch.Tensor,
-        out_argmax: torch.Tensor,
-        in_absmax: torch.Tensor,
-        rows: torch.Tensor,
-    ) -> None:
-        """Record one call of the routed experts: the op's outputs, with token ids in out_argmax[:, 0]."""
-        stats = self.down_proj(ROUTED, layer, out_absmax.numel(), out_absmax.device)
-        stats.update(out_absmax, out_argmax[:, 0], out_argmax[:, 1], in_absmax, rows)
+    def record_grouped(self, layer: int, **stats: torch.Tensor) -> None:
+        """Record one call of a layer's routed experts, per expert ``[E]``: the op's
+        out_absmax, out_argmax (token ids in column 0), in_absmax, rows and norm_sum, and the
+        call's weight_sum and top1 (see `DownProjStats`)."""
+        out_absmax, out_argmax = stats["out_absmax"], stats["out_argmax"]
+        table = self.down_proj(ROUTED, layer, out_absmax.numel(), out_absmax.device)
+        table.update(
+            out_absmax, out_argmax[:, 0], out_argmax[:, 1], stats["in_absmax"], stats["rows"],
+            stats["weight_sum"], stats["norm_sum"], stats["top1"],
+        )
 
-    def record_linear(self, kind: str, layer: int, index: int, n: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    def record_linear(
+        self, kind: str, layer: int, index: int, n: int, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None
+    ) -> None:
         """Record one call of an ordinary down_proj, unit `index` of the `n` of its kind in
-        `layer`: x ``[..., I]``, y ``[..., H]`` over the batch's tokens in order."""
+        `layer`: x ``[..., I]``, y ``[..., H]`` over the batch's tokens in order; `gate`
+        ``[...]`` the weight the model multiplies each token's output by (None: 1)."""
         y2 = y.detach().reshape(-1, y.shape[-1])
         if y2.shape[0] == 0:
             return
@@ -280,6 +315,8 @@ class StatsCollector(StatsTables):
         device = y.device
         one = torch.zeros(n, dtype=torch.bool, device=device)
         one[index] = True
+        g = torch.ones(y2.shape[0], device=device) if gate is None else gate.detach().reshape(-1).float()
+        norms = torch.linalg.vector_norm(a.float(), dim=1)
         stats = self.down_proj(kind, layer, n, device)
         stats.update(
             torch.where(one, a.view(-1)[flat].float(), -1.0),
@@ -287,6 +324,9 @@ class StatsCollector(StatsTables):
             torch.where(one, flat % y2.shape[1], -1),
             torch.where(one, x.detach().abs().amax().float(), 0.0),
             one.long() * y2.shape[0],
+            torch.where(one, g.sum(dtype=torch.float64), 0.0),
+            torch.where(one, (g * norms).sum(dtype=torch.float64), 0.0),
+            torch.zeros(n, dtype=torch.int64, device=device),
         )
 
     def record_hidden(self, layer: int, h: torch.Tensor) -> None:

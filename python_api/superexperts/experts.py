@@ -7,7 +7,10 @@ or gate and up), the model's own gate/activation, one grouped GEMM for ``down_pr
 GEMMs run through ``torch.ops.superexperts.moe_down_proj_profile``, the up ones without
 statistics; the down projection's per-expert statistics (max |output| before the routing
 weight and the token/channel where it happened, max |input|, rows) go to the active
-collector. The offsets are a cumulative sum of row counts, valid by construction, so the op
+collector, with the importance sums of `superexperts.importance` when the caller gives the
+rows' routing weights g (the op sums ``g * ||y||_2`` as ``row_weight``; the weights and each
+token's top-1 row are counted here). Families whose routing weight scales the expert's input
+(Llama 4, ``expert_major``) give none: they record rows only. The offsets are a cumulative sum of row counts, valid by construction, so the op
 is told not to read them back (no host sync per call).
 
 The module's `superexperts.layers.ModuleTag` carries the rest:
@@ -40,10 +43,10 @@ from .layers import tag_of
 NAME = "superexperts"
 
 
-def _grouped_linear(x, weight, offsets, bias, transposed, row_token=None, *, with_stats=True):
+def _grouped_linear(x, weight, offsets, bias, transposed, row_token=None, *, with_stats=True, row_weight=None):
     return moe_down_proj_profile(
         x.to(weight.dtype), weight, offsets, bias, row_token, w_transposed=transposed, with_stats=with_stats,
-        check_offsets=False,
+        check_offsets=False, row_weight=row_weight,
     )
 
 
@@ -119,12 +122,14 @@ def grouped_rows(
     row_source: torch.Tensor,
     row_expert: torch.Tensor,
     row_token: torch.Tensor,
+    row_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The down_proj output ``[R, H]`` of every row: row r is ``source[row_source[r]]`` through
     expert ``row_expert[r]``; rows whose expert is ``>= num_experts`` (sentinels, pruned) are
     not computed and give zeros. ``row_token [R]``: each row's token in the batch (for the
-    statistics' locations). The down projection's statistics go to the active collector
-    under the module's layer."""
+    statistics' locations). ``row_weight [R]``: the routing weight the caller multiplies each
+    row's output by, for the importance sums (None: not recorded). The down projection's
+    statistics go to the active collector under the module's layer."""
     num_experts = math.num_experts
     device = source.device
     sorted_ids, perm = torch.sort(row_expert, stable=True)
@@ -141,10 +146,13 @@ def grouped_rows(
     layer = tag.layer if tag is not None else None
     shard = tag.shard if tag is not None else None
     tokens = row_token[perm] + (stats.token_offset if stats is not None else 0)
-    prof = _grouped_linear(act, math.down, offsets, math.down_bias, math.down_transposed, tokens)
-    if stats is not None and layer is not None:
+    recording = stats is not None and layer is not None
+    weight = row_weight.reshape(-1)[perm].float() if recording and row_weight is not None else None
+    prof = _grouped_linear(act, math.down, offsets, math.down_bias, math.down_transposed, tokens, row_weight=weight)
+    if recording:
         first, num_global = (shard.start, shard.num_global) if shard is not None else (0, num_experts)
-        stats.record_grouped(layer, *_in_global_ids(prof, first, num_global))
+        per_expert = _per_expert_stats(prof, sorted_ids, perm, row_token, row_weight, num_experts)
+        stats.record_grouped(layer, **_in_global_ids(per_expert, first, num_global))
 
     y = prof.y if math.post is None else math.post(prof.y)
     y = torch.where((sorted_ids < num_experts).unsqueeze(-1), y, 0)
@@ -187,7 +195,7 @@ def superexperts_experts_forward(
     num_experts = self.num_experts  # held by this process
     ids = expert_ids(self, top_k_index, num_experts)
     token_of_row = torch.arange(ids.numel(), device=ids.device) // num_top_k
-    y = grouped_rows(self, interface_math(self), hidden_states, token_of_row, ids, token_of_row)
+    y = grouped_rows(self, interface_math(self), hidden_states, token_of_row, ids, token_of_row, top_k_weights)
     weighted = _weighted_rows(y, ids, num_experts, top_k_weights)
     tag = tag_of(self)
     if tag is not None and tag.shard is not None:
@@ -195,18 +203,46 @@ def superexperts_experts_forward(
     return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
 
 
-def _in_global_ids(prof, first: int, num_global: int):
-    """The op's per-expert stats of this process's experts, placed at their global ids."""
-    out_absmax, out_argmax, in_absmax, rows = prof.out_absmax, prof.out_argmax, prof.in_absmax, prof.rows
-    if first == 0 and out_absmax.numel() == num_global:
-        return out_absmax, out_argmax, in_absmax, rows
-    held = slice(first, first + out_absmax.numel())
-    g_absmax = out_absmax.new_zeros(num_global)
-    g_argmax = out_argmax.new_full((num_global, 2), -1)
-    g_in = in_absmax.new_zeros(num_global)
-    g_rows = rows.new_zeros(num_global)
-    g_absmax[held], g_argmax[held], g_in[held], g_rows[held] = out_absmax, out_argmax, in_absmax, rows
-    return g_absmax, g_argmax, g_in, g_rows
+def _per_expert_stats(prof, sorted_ids, perm, row_token, row_weight, num_experts: int) -> dict[str, torch.Tensor]:
+    """The op's per-expert stats ``[E]`` and the call's importance sums: the routing weights
+    of each expert's rows, and the tokens whose top-1 row (largest routing weight, the first
+    of equal ones) went to each expert; zeros without `row_weight`. Rows of id `num_experts`
+    (not computed here) count nowhere."""
+    weight_sum = torch.zeros(num_experts + 1, device=sorted_ids.device)
+    top1 = torch.zeros(num_experts + 1, dtype=torch.int64, device=sorted_ids.device)
+    if row_weight is not None:
+        w = row_weight.reshape(-1).float()
+        weight_sum.index_add_(0, sorted_ids, w[perm])
+        top1.index_add_(0, sorted_ids, _top1_rows(row_token, w)[perm].long())
+    return dict(
+        out_absmax=prof.out_absmax, out_argmax=prof.out_argmax, in_absmax=prof.in_absmax, rows=prof.rows,
+        norm_sum=prof.norm_sum, weight_sum=weight_sum[:num_experts], top1=top1[:num_experts],
+    )
+
+
+def _top1_rows(row_token: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """bool ``[R]``: the row of each token with the largest weight (the first of equal ones)."""
+    num_rows = weight.numel()
+    index = torch.arange(num_rows, device=weight.device)
+    best = torch.full((num_rows,), float("-inf"), device=weight.device).scatter_reduce(0, row_token, weight, "amax")
+    first = torch.full((num_rows,), num_rows, device=weight.device).scatter_reduce(
+        0, row_token, torch.where(weight == best[row_token], index, num_rows), "amin"
+    )
+    return index == first[row_token]
+
+
+def _in_global_ids(stats: dict[str, torch.Tensor], first: int, num_global: int) -> dict[str, torch.Tensor]:
+    """Per-expert stats ``[E_held, ...]`` of this process's experts, placed at their global ids
+    (the others: -1 locations, zeros)."""
+    held = next(iter(stats.values())).shape[0]
+    if first == 0 and held == num_global:
+        return stats
+    placed = {}
+    for name, t in stats.items():
+        g = t.new_full((num_global, *t.shape[1:]), -1 if name == "out_argmax" else 0)
+        g[first : first + held] = t
+        placed[name] = g
+    return placed
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -229,7 +265,7 @@ def _top_k_forward(adapter: Adapter, module, hidden_states, top_k_index, top_k_w
     num_tokens, num_top_k = top_k_index.shape
     ids = expert_ids(module, top_k_index, math.num_experts)
     token_of_row = torch.arange(ids.numel(), device=ids.device) // num_top_k
-    y = grouped_rows(module, math, h, token_of_row, ids, token_of_row)
+    y = grouped_rows(module, math, h, token_of_row, ids, token_of_row, top_k_weights)
     out = _weighted_rows(y, ids, math.num_experts, top_k_weights).view(num_tokens, num_top_k, -1).sum(dim=1)
     if adapter.identity_experts is not None:
         total = int(operator.attrgetter(adapter.identity_experts)(module))
@@ -273,7 +309,7 @@ def _sorted_rows_forward(adapter: Adapter, module, layer_input):
     counts = torch.as_tensor(rows_per_expert, device=x.device)
     row_expert = torch.repeat_interleave(torch.arange(math.num_experts, device=x.device), counts)
     ids = expert_ids(module, row_expert, math.num_experts)
-    y = grouped_rows(module, math, x, row_token, ids, row_token)
+    y = grouped_rows(module, math, x, row_token, ids, row_token, row_gate)
     weighted = _weighted_rows(y, ids, math.num_experts, row_gate)
     out = torch.zeros_like(x, dtype=weighted.dtype).index_add(0, row_token, weighted).to(x.dtype)
     out = out.view(layer_input.shape)

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -117,21 +118,50 @@ def moe_layers(model: torch.nn.Module) -> list[LayerParts]:
 def hook_layer(parts: LayerParts, stats: StatsCollector) -> list:
     """Forward hooks recording one layer's shared/dense down_proj outputs and its output
     hidden states into `stats` (and, for an adapter family, its experts forward); returns
-    the handles."""
+    the handles.
+
+    A shared expert ``<name>`` with a sibling ``<name>_gate`` (a ``Linear`` to one output:
+    the Qwen2-MoE family scales the shared expert's output by ``sigmoid(gate(h))``) records
+    that sigmoid as its routing weight g; other shared experts and dense MLPs have g = 1.
+    """
     handles = [AdapterHandle(parts)] if parts.adapter is not None else []
     for kind, units in ((SHARED, parts.shared), (DENSE, parts.dense)):
-        for i, (_, down) in enumerate(units):
+        for i, (name, down) in enumerate(units):
+            record = functools.partial(stats.record_linear, kind, parts.index, i, len(units))
+            gate = _shared_expert_gate(parts.layer, name) if kind == SHARED else None
+            if gate is None:
+                handles.append(down.register_forward_hook(lambda m, inputs, output, record=record: record(inputs[0], output)))
+                continue
+            pending: dict = {}
 
-            def hook(module, inputs, output, kind=kind, i=i, n=len(units)):
-                stats.record_linear(kind, parts.index, i, n, inputs[0], output)
+            def flush(pending=pending, record=record):
+                if "y" in pending and "g" in pending:
+                    record(*pending.pop("y"), gate=pending.pop("g"))
 
-            handles.append(down.register_forward_hook(hook))
+            def down_hook(module, inputs, output, pending=pending, flush=flush):
+                pending["y"] = (inputs[0], output)
+                flush()
+
+            def gate_hook(module, inputs, output, pending=pending, flush=flush):
+                pending["g"] = torch.sigmoid(output.float())
+                flush()
+
+            handles += [down.register_forward_hook(down_hook), gate.register_forward_hook(gate_hook)]
 
     def layer_hook(module, inputs, output):
         stats.record_hidden(parts.index, output[0] if isinstance(output, tuple) else output)
 
     handles.append(parts.layer.register_forward_hook(layer_hook))
     return handles
+
+
+def _shared_expert_gate(layer: torch.nn.Module, name: str) -> torch.nn.Linear | None:
+    """The ``<name>_gate`` sibling of shared expert `name` in `layer` (a Linear to one output), or None."""
+    try:
+        gate = layer.get_submodule(f"{name}_gate")
+    except AttributeError:
+        return None
+    return gate if isinstance(gate, torch.nn.Linear) and gate.out_features == 1 else None
 
 
 def as_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

@@ -44,6 +44,28 @@ def _finite(x):
     return x
 
 
+def read_report(path: str | Path, flag: str = "--super-experts") -> tuple[list, dict | None]:
+    """The Super Experts of a report: a superexperts ``report.json``, the authors' ``Super
+    Experts Report.json``, or a directory holding one of them. Returns ``(layer, expert)``
+    pairs and the report's model metadata (None for the authors' list, which has none)."""
+    from .ablation import expert_refs
+
+    p = Path(path)
+    if p.is_dir():
+        p = next((p / f for f in (REPORT_FILE, AUTHORS_FILE) if (p / f).is_file()), p / REPORT_FILE)
+    if not p.is_file():
+        raise FileNotFoundError(f"{flag}: {p} does not exist")
+    data = json.loads(p.read_text())
+    model = data.get("model") if isinstance(data, dict) else None
+    experts = data.get("super_experts") if isinstance(data, dict) else data
+    if not isinstance(experts, list):
+        raise ValueError(f"{flag}: {p} holds neither a superexperts report.json nor a '{AUTHORS_FILE}' list")
+    try:
+        return expert_refs(experts), model
+    except ValueError as e:
+        raise ValueError(f"{flag}: {p}: {e}") from None
+
+
 def build_report(result: ProfileResult, rule: Rule, super_experts: list[SuperExpert], ablation: AblationResult | None = None) -> dict:
     return _finite(
         {
@@ -55,7 +77,12 @@ def build_report(result: ProfileResult, rule: Rule, super_experts: list[SuperExp
                 "elapsed_s": result.elapsed_s,
                 "tokens_per_s": result.tokens_per_s,
             },
-            "rule": {"name": rule.name, "description": rule.describe(), "layers": sorted(rule.layer_set(result.num_layers))},
+            "rule": {
+                "name": rule.name,
+                "description": rule.describe(),
+                "layers": sorted(rule.layer_set(result.num_layers)),
+                "pool": result.pool(rule),
+            },
             "super_experts": [se.to_dict() for se in super_experts],
             "experts": result.units(),
             "massive_activations": result.massive_activations(),

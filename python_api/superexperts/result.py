@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .collector import DENSE, ROUTED, SHARED, TABLES, StatsCollector, StatsTables
-from .rules import Rule, SuperExpert, detect
+from .importance import check_criterion, ranking
+from .rules import Rule, SuperExpert, detect, threshold
 
 STATS_FILE = "stats.safetensors"
 META_FILE = "profile.json"
@@ -77,6 +78,7 @@ class ProfileResult(StatsTables):
                         label = "dense" if s.out_absmax.numel() == 1 else f"dense:{i}"
                     sample, position = self.locate(int(s.out_token[i]))
                     n_rows = int(s.rows[i])
+                    norm_sum = float(s.norm_sum[i])
                     rows.append(
                         {
                             "layer": layer,
@@ -88,20 +90,48 @@ class ProfileResult(StatsTables):
                             "sample": sample,
                             "position": position,
                             "channel": int(s.out_channel[i]),
+                            "weight_sum": float(s.weight_sum[i]),
+                            "norm_sum": norm_sum,
+                            "reap": norm_sum / n_rows if n_rows else 0.0,
+                            "top1": int(s.top1[i]),
                         }
                     )
         return rows
 
-    def candidates(self) -> list[tuple[int, int | str, float]]:
-        """``(layer, expert, a)`` for every routed or shared expert that saw at least one row."""
+    def candidates(self, include_unrouted: bool = True) -> list[tuple[int, int | str, float]]:
+        """``(layer, expert, a)`` for every routed or shared expert; one that saw no row has
+        ``a = 0`` (as in the authors' tool), or is left out when not `include_unrouted`."""
         return [
             (u["layer"], u["expert"], u["output_max"])
             for u in self.units()
-            if u["kind"] in (ROUTED, SHARED) and u["rows"] > 0
+            if u["kind"] in (ROUTED, SHARED) and (include_unrouted or u["rows"] > 0)
         ]
 
     def super_experts(self, rule: Rule | None = None) -> list[SuperExpert]:
-        return detect(self.candidates(), self.num_layers, rule)
+        rule = rule or Rule()
+        return detect(self.candidates(include_unrouted=not rule.exclude_unrouted), self.num_layers, rule)
+
+    def pool(self, rule: Rule | None = None) -> dict:
+        """What `rule` pooled into A: ``candidates`` (values in A), ``unrouted`` (experts of the
+        layers in L that saw no token, in A with a = 0 unless the rule excludes them),
+        ``unrouted_in_pool`` and the resulting ``threshold`` (None for an empty pool)."""
+        rule = rule or Rule()
+        layers = rule.layer_set(self.num_layers)
+        units = [u for u in self.units() if u["kind"] in (ROUTED, SHARED) and u["layer"] in layers]
+        unrouted = sum(u["rows"] == 0 for u in units)
+        values = [u["output_max"] for u in units if u["rows"] > 0 or not rule.exclude_unrouted]
+        return {
+            "candidates": len(values),
+            "unrouted": unrouted,
+            "unrouted_in_pool": not rule.exclude_unrouted,
+            "threshold": threshold(torch.tensor(values), rule) if values else None,
+        }
+
+    def importance(self, criterion: str = "reap") -> dict[int, list[tuple[int, float]]]:
+        """Per MoE layer, its routed experts ranked by `criterion` (`superexperts.importance`):
+        ``{layer: [(expert, score), ...]}``, most important first."""
+        check_criterion(criterion)
+        return {layer: ranking(s, criterion) for layer, s in sorted(self.routed.items())}
 
     def expert_matrix(self) -> torch.Tensor:
         """``[num_layers, max_E + n_shared]`` fp32 of routed (then shared) output maxima; NaN where

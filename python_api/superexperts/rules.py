@@ -5,12 +5,19 @@ candidate values of the layers in ``L`` (default: the first ``round(0.75 * num_l
 decoder layers, as the authors' code does) into ``A`` and keeps the candidates in ``L``
 whose value passes its threshold:
 
-- ``paper`` (arXiv 2507.23279, Eq. 6): ``a > P99.5(A)`` and ``a > max(A) / 10``;
+- ``paper`` (arXiv 2507.23279, Eq. 6): ``a > P99.5(A)`` and ``a > max(A) // 10`` (floor
+  division, as the authors' code computes ``np.max(A) // 10``);
 - ``std``: ``a > mean(A) + k * std(A)``;
 - ``quantile``: ``a > Pq(A)``;
 - ``mean_multiple``: ``a > k * mean(A)``.
 
 Percentiles interpolate linearly between order statistics (numpy's default).
+
+The pool ``A``: the authors' tool pins transformers 4.51.3, whose Qwen3-MoE, Qwen2-MoE and
+Mixtral blocks call every expert, with zero rows when it got no token, and their hook
+records 0 for it; so an expert that saw no calibration token is in ``A`` with ``a = 0``.
+The candidates passed to `detect` follow that by default (`ProfileResult.candidates`);
+``Rule(exclude_unrouted=True)`` leaves unrouted experts out of ``A``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ RULES = ("paper", "std", "quantile", "mean_multiple")
 class Rule:
     """A detection rule. `k` is the std multiple (std) or mean multiple (mean_multiple);
     `quantile` the percentile in [0, 100] (paper, quantile); `max_ratio` the paper's 10;
-    `layer_fraction` / `layers` choose L (explicit `layers` win)."""
+    `layer_fraction` / `layers` choose L (explicit `layers` win); `exclude_unrouted` leaves
+    experts that saw no calibration token out of the pool A (default: in A with a = 0)."""
 
     name: str = "paper"
     quantile: float = 99.5
@@ -34,6 +42,7 @@ class Rule:
     k: float | None = None
     layer_fraction: float = 0.75
     layers: tuple[int, ...] | None = None
+    exclude_unrouted: bool = False
 
     def __post_init__(self):
         if self.name not in RULES:
@@ -50,7 +59,7 @@ class Rule:
 
     def describe(self) -> str:
         if self.name == "paper":
-            return f"a > P{self.quantile:g}(A) and a > max(A)/{self.max_ratio:g}"
+            return f"a > P{self.quantile:g}(A) and a > max(A)//{self.max_ratio:g}"
         if self.name == "std":
             return f"a > mean(A) + {self.k_value:g}*std(A)"
         if self.name == "quantile":
@@ -81,7 +90,7 @@ def threshold(values: torch.Tensor, rule: Rule) -> float:
     """The value a candidate must exceed under `rule`, given the pooled values ``A`` (1-D)."""
     a = values.double()
     if rule.name == "paper":
-        return max(float(torch.quantile(a, rule.quantile / 100.0)), float(a.max()) / rule.max_ratio)
+        return max(float(torch.quantile(a, rule.quantile / 100.0)), float(a.max()) // rule.max_ratio)
     if rule.name == "quantile":
         return float(torch.quantile(a, rule.quantile / 100.0))
     if rule.name == "std":

@@ -19,15 +19,20 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..collector import DownProjStats
+from ..collector import IMPORTANCE_FIELDS, DownProjStats
 
-FIELDS = tuple(f.name for f in fields(DownProjStats))
+# The fields recorded here; the importance sums of `DownProjStats` stay zero.
+FIELDS = tuple(f.name for f in fields(DownProjStats) if f.name not in IMPORTANCE_FIELDS)
 
 
 @dataclass
 class LayerStats(DownProjStats):
     """The toolkit's `DownProjStats` (same fields, same "nothing seen" values from
     ``LayerStats.empty(num_experts, device)``), updated in place on the device."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The recorded buffers, `FIELDS` (the importance sums stay zero and are not kept)."""
+        return {name: getattr(self, name) for name in FIELDS}
 
     def reset(self) -> None:
         """Back to "nothing seen", in place (the buffers' addresses never change)."""
