@@ -31,7 +31,7 @@ from .distributed import ExpertShard
 from .integration import describe_model, hook_layer, register
 from .layers import LayerParts, decoder_layers, find_layers, tag
 from .result import ProfileResult
-from .sweep import ProfileRun
+from .sweep import ProfileRun, checkpoint_identity
 
 _FUSED_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
@@ -243,14 +243,14 @@ def stream_profile(
         top_k_hidden=top_k_hidden,
         checkpoint_dir=checkpoint_dir,
         rank=rank,
-        model=str(Path(model_dir).resolve()),
+        **(checkpoint_identity(model_dir) if checkpoint_dir is not None else {}),
         streaming=True,
         batch_size=batch_size,
         parallel=parallel,
         world=world,
         dtype=str(dtype),
     )
-    hidden = run.resume(device) if resume else None
+    hidden = run.start(device, resume)
     if hidden is None:
         hidden = [layer_arguments(model, b.to(device))[0][0].to(hidden_home) for b in batches]
     bar = tqdm(total=(len(parts) - run.done) * tokens.numel(), desc=f"stream rank {rank}" if par else "stream",
