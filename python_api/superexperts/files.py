@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -23,12 +24,12 @@ TMP_SUFFIX = ".tmp"
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (``.<name>.<random>.tmp``); when the block ends
-    without an error it replaces `path` (``os.replace``), else it is removed."""
+    """Yield a temporary path beside `path` (``.<name>.<random>.tmp``) for the block to write;
+    when the block ends without an error it replaces `path` (``os.replace``), else it is
+    removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    # Not mkstemp: the file is created by the writer, with the permissions the umask gives.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
     try:
         yield tmp
         os.replace(tmp, path)
