@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .calibration import check_sink_tokens, check_token_ids
 from .integration import as_batches, describe_model, hook_layer, our_implementations, run_batches
 from .layers import find_layers
 from .result import ProfileResult
@@ -43,8 +44,8 @@ def profile(
     is refused unless the model (its config, dtype and weights: `superexperts.sweep.model_identity`),
     the tokens and the settings are those of the saved run.
     """
-    if num_sink_tokens < 1:
-        raise ValueError(f"num_sink_tokens must be >= 1, got {num_sink_tokens}")
+    check_token_ids(calibration, model.get_input_embeddings().num_embeddings)
+    check_sink_tokens(num_sink_tokens, calibration.shape[1])
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     parts = find_layers(model)
