@@ -99,8 +99,9 @@ def test_overflowed_expert_is_reported_first_and_thresholds_stay_finite(rule):
 def test_nan_experts_are_marked_and_do_not_empty_the_detection(rule):
     cands = pool(planted=[(0, 3, 400.0), (4, 60, 350.0), (2, 9, float("nan")), (1, 7, float("nan"))])
     cands += [(3, "shared", float("inf"))]
-    with pytest.warns(RuntimeWarning, match=r"NaN in layer 1 expert 7, layer 2 expert 9"):
-        found = detect(cands, 8, rule)
+    with pytest.warns(RuntimeWarning, match=r"overflowed \(inf\) in layer 3 expert shared"):
+        with pytest.warns(RuntimeWarning, match=r"NaN in layer 1 expert 7, layer 2 expert 9"):
+            found = detect(cands, 8, rule)
     assert [(s.layer, s.expert, s.status) for s in found] == [
         (3, "shared", "overflow"), (1, 7, "nan"), (2, 9, "nan"), (0, 3, "finite"), (4, 60, "finite")
     ]
