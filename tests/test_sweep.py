@@ -58,7 +58,7 @@ def interrupted_in_memory(model, ids, checkpoint_dir, after_batches=2):
             superexperts.profile(model, ids, progress=False, checkpoint_dir=checkpoint_dir)
     finally:
         handle.remove()
-    assert json.loads((checkpoint_dir / "state.0.json").read_text())["progress"] == after_batches
+    assert json.loads((checkpoint_dir / "state.0.json").read_text())["steps"][-1]["progress"] == after_batches
 
 
 def interrupted_stream(path, ids, checkpoint_dir, monkeypatch, at_layer=2):
@@ -138,11 +138,12 @@ def test_leftovers_are_removed_on_resume_and_other_ranks_files_kept(two_checkpoi
     uninterrupted = stream_profile(path, ids, dtype="float32", progress=False)
     interrupted_stream(path, ids, tmp_path, monkeypatch)
     state = json.loads((tmp_path / "state.0.json").read_text())
-    assert set(state["files"]) == {"stats.0.2.safetensors", "hidden.0.2.safetensors"}
+    assert [step["progress"] for step in state["steps"]] == [2]
+    assert set(state["steps"][0]["files"]) == {"stats.0.2.safetensors", "hidden.0.2.safetensors"}
     # What a kill leaves: a half-written temporary file, the previous step's files, and a step
     # written after the last state update; another rank's files are not this rank's to touch.
     leftovers = [".hidden.0.3.safetensors.k2j4x.tmp", "hidden.0.1.safetensors", "stats.0.1.safetensors",
-                 "stats.0.3.safetensors", ".state.0.json.a8f.tmp"]
+                 "stats.0.3.safetensors", ".state.0.json.a8f.tmp", ".tmpq8ntlD"]
     others = ["stats.1.2.safetensors", ".hidden.1.3.safetensors.zz.tmp", "notes.txt"]
     for name in leftovers + others:
         (tmp_path / name).write_bytes(b"x" * 1000)
@@ -198,3 +199,60 @@ def test_second_writer_is_refused_naming_the_holder_and_a_dead_holders_lock_is_t
     assert result.num_tokens == 16
     assert json.loads((tmp_path / "lock.0").read_text())["pid"] == os.getpid()
     DirLock(tmp_path, "lock.0", "x").acquire().release()  # released at the end of the run
+
+
+class FakeRanks:
+    """The other ranks of a distributed run, as `ProfileRun` sees them: a barrier, and the
+    smallest step of all ranks (theirs is `others_step`)."""
+
+    def __init__(self, others_step=0, fail_barrier_at=None):
+        self.others_step, self.fail_barrier_at, self.barriers = others_step, fail_barrier_at, 0
+
+    def barrier(self):
+        self.barriers += 1
+        if self.barriers == self.fail_barrier_at:
+            raise KeyboardInterrupt  # killed after saving, before the others had saved
+
+    def minimum(self, value):
+        return min(value, self.others_step)
+
+
+def test_ranks_killed_while_saving_resume_from_a_step_all_of_them_hold(tmp_path):
+    """A rank keeps its previous step until every rank has saved the next one; on resume the
+    ranks start from the last step they all hold."""
+    from superexperts.sweep import ProfileRun
+
+    ids = tokens(3, 8)
+
+    def new_run(ranks):
+        run = ProfileRun(ids, steps=3, num_sink_tokens=1, top_k_hidden=8, checkpoint_dir=tmp_path, ranks=ranks)
+        return run
+
+    run = new_run(FakeRanks(fail_barrier_at=2))
+    run.start(torch.device("cpu"))
+    with run.timed():
+        run.stats.token_offset = 8
+        run.step_done(1)
+        run.stats.token_offset = 16
+        with pytest.raises(KeyboardInterrupt):
+            run.step_done(2)
+    state = json.loads((tmp_path / "state.0.json").read_text())
+    assert [step["progress"] for step in state["steps"]] == [1, 2]
+    assert {f.name for f in tmp_path.glob("stats.*")} == {"stats.0.1.safetensors", "stats.0.2.safetensors"}
+
+    for others, want_done, offset in ((1, 1, 8), (2, 2, 16), (0, 0, 0)):
+        run = new_run(FakeRanks(others_step=others))
+        run.start(torch.device("cpu"), resume=True)
+        assert (run.done, run.stats.token_offset) == (want_done, offset)
+        run.checkpoint.close()
+
+    run = new_run(FakeRanks(others_step=1))
+    run.start(torch.device("cpu"), resume=True)
+    with run.timed():
+        run.step_done(2)  # saved again, met the others, and the previous step dropped
+    assert [step["progress"] for step in json.loads((tmp_path / "state.0.json").read_text())["steps"]] == [2]
+    assert {f.name for f in tmp_path.glob("stats.*")} == {"stats.0.2.safetensors"}
+
+    (tmp_path / "stats.0.2.safetensors").unlink()
+    with pytest.raises(ValueError, match="holds steps .2., not step 1, the last one every rank finished"):
+        new_run(FakeRanks(others_step=1)).start(torch.device("cpu"), resume=True)
