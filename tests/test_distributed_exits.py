@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +39,14 @@ def _pid(lock):
         return None
 
 
+def _running(pid) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_stopped_rank_ends_the_run_naming_it_and_resume_finishes_it_cleanly(tmp_path):
     superexperts.register()
     model_dir, calib = tmp_path / "model", tmp_path / "calib.npy"
@@ -45,18 +54,24 @@ def test_stopped_rank_ends_the_run_naming_it_and_resume_finishes_it_cleanly(tmp_
     np.save(calib, tokens(4, 16).numpy())
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
 
+    log = open(tmp_path / "run.log", "w")
     run = torchrun_profile(model_dir, calib, out, "expert", "--checkpoint-dir", str(ckpt), "--dist-timeout", "4",
-                           "--no-plots", wait=False)
+                           "--no-plots", log=log)
     stopped = None
     try:
         deadline = time.monotonic() + 120
         while _progress(ckpt / "state.1.json") < 1 and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        stopped = _pid(ckpt / "lock.1")
+        stopped, rank0 = _pid(ckpt / "lock.1"), _pid(ckpt / "lock.0")
         assert stopped is not None and run.poll() is None, "the run ended before rank 1 could be stopped"
         os.kill(stopped, signal.SIGSTOP)
-        stdout, stderr = run.communicate(timeout=120)
+        while _running(rank0) and time.monotonic() < deadline + 60:
+            time.sleep(0.05)
+        # torchrun would wait 30 s for the stopped rank to honour its SIGTERM
+        os.kill(stopped, signal.SIGKILL)
+        run.wait(timeout=120)
     finally:
+        log.close()
         if stopped is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(stopped, signal.SIGKILL)
@@ -64,8 +79,9 @@ def test_stopped_rank_ends_the_run_naming_it_and_resume_finishes_it_cleanly(tmp_
             run.kill()
             run.wait()
     assert run.returncode != 0
-    assert "rank 0: a collective failed after waiting up to 4 s (--dist-timeout): rank 1 did not answer" in stderr, stderr[-3000:]
-    assert f"the checkpoint in {ckpt} keeps every finished layer" in stderr
+    output = (tmp_path / "run.log").read_text()
+    assert "rank 0: a collective failed after waiting up to 4 s (--dist-timeout): rank 1 did not answer" in output, output[-3000:]
+    assert f"the checkpoint in {ckpt} keeps every finished layer" in output
     saved = _progress(ckpt / "state.0.json")
     assert 1 <= saved < 8
 

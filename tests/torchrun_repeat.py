@@ -48,14 +48,15 @@ def build_inputs(root: Path, family: str = "qwen3_moe") -> tuple[Path, Path]:
 
 
 def torchrun_profile(model_dir: Path, calib: Path, out: Path, mode: str, *extra: str,
-                     timeout: float = 300, wait: bool = True):
-    """Run ``superexperts profile`` with 2 ranks; a CompletedProcess, or the Popen when not `wait`."""
+                     timeout: float = 300, log=None):
+    """Run ``superexperts profile`` with 2 ranks: a CompletedProcess; or, given a `log` file,
+    start it with its output going there and return the Popen."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "superexperts", "profile", "--model", str(model_dir), "--calib", str(calib), "--seq-len", "16",
            "--num-samples", "4", "--parallel", mode, "--dtype", "float32", "--out", str(out), *extra]
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if log is not None:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
