@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -356,6 +357,26 @@ def test_empty_text_files(tokenizer, tmp_path, name):
     path.write_text("[]" if name.endswith(".json") else "")
     with pytest.raises(ValueError, match="no tokens"):
         load_token_stream(path, tokenizer)
+
+
+@pytest.mark.parametrize("name", ["latin1.txt", "latin1.jsonl", "latin1.json"])
+def test_latin1_text_names_the_file_and_the_fix(tokenizer, tmp_path, name):
+    """Issue 9: a UnicodeDecodeError without the file's name."""
+    text = "caf\xe9 cr\xe8me br\xfbl\xe9e"
+    content = {".txt": text, ".jsonl": json.dumps({"text": text}, ensure_ascii=False),
+               ".json": json.dumps([text], ensure_ascii=False)}[Path(name).suffix]
+    path = tmp_path / name
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text \(byte 0xe9.*iconv -f latin1 -t utf-8"):
+        load_token_stream(path, tokenizer)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".pt", ".safetensors"])
+def test_unreadable_pre_tokenized_files_are_named(tmp_path, suffix):
+    path = tmp_path / f"ids{suffix}"
+    path.write_bytes(b"\x93NUMPY garbage" * 3)
+    with pytest.raises(ValueError, match=rf"ids\{suffix}: not a readable"):
+        load_token_stream(path)
 
 
 def test_empty_pre_tokenized(tmp_path):

@@ -86,3 +86,54 @@ def test_bad_rules():
 
 def test_empty_pool():
     assert detect([], 4) == []
+
+
+ALL_RULES = [Rule(), Rule("std", k=4.0), Rule("quantile", quantile=99.5), Rule("mean_multiple", k=20.0)]
+
+
+@pytest.mark.parametrize("rule", ALL_RULES, ids=lambda r: r.name)
+def test_overflowed_expert_is_reported_first_and_thresholds_stay_finite(rule):
+    """An inf candidate (its output overflowed the dtype) is the strongest Super Expert: it
+    comes first, marked, with a warning; the finite ones are still found (issue 9)."""
+    cands = pool(planted=[(0, 3, 400.0), (4, 60, 350.0)]) + [(1, 5, float("inf"))]
+    with pytest.warns(RuntimeWarning, match=r"overflowed \(inf\) in layer 1 expert 5"):
+        found = detect(cands, 8, rule)
+    assert [(s.layer, s.expert, s.rank, s.status) for s in found] == [
+        (1, 5, 1, "overflow"), (0, 3, 2, "finite"), (4, 60, 3, "finite")
+    ]
+    assert found[0].value == float("inf")
+
+
+@pytest.mark.parametrize("rule", ALL_RULES, ids=lambda r: r.name)
+def test_nan_experts_are_marked_and_do_not_empty_the_detection(rule):
+    cands = pool(planted=[(0, 3, 400.0), (4, 60, 350.0), (2, 9, float("nan")), (1, 7, float("nan"))])
+    cands += [(3, "shared", float("inf"))]
+    with pytest.warns(RuntimeWarning, match=r"overflowed \(inf\) in layer 3 expert shared"):
+        with pytest.warns(RuntimeWarning, match=r"NaN in layer 1 expert 7, layer 2 expert 9"):
+            found = detect(cands, 8, rule)
+    assert [(s.layer, s.expert, s.status) for s in found] == [
+        (3, "shared", "overflow"), (1, 7, "nan"), (2, 9, "nan"), (0, 3, "finite"), (4, 60, "finite")
+    ]
+    assert [s.rank for s in found] == [1, 2, 3, 4, 5]
+
+
+def test_thresholds_come_from_the_finite_values():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    for rule in ALL_RULES:
+        want = threshold(values, rule)
+        assert threshold(torch.cat([values, torch.tensor([float("inf"), float("nan")])]), rule) == want
+    assert threshold(torch.tensor([float("nan"), float("inf")]), Rule()) == float("inf")
+
+
+def test_non_finite_outside_candidate_layers_is_not_reported():
+    cands = pool(planted=[(7, 1, float("inf")), (0, 3, 400.0)])
+    assert [(s.layer, s.expert) for s in detect(cands, 8)] == [(0, 3)]
+
+
+def test_bad_rule_arguments():
+    with pytest.raises(ValueError, match="max_ratio must be > 0"):
+        Rule(max_ratio=0)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        Rule("std", k=-1.0)
+    with pytest.raises(ValueError, match=r"layers \[8, 9\] are outside the model's 8 decoder layers"):
+        detect(pool(), 8, Rule(layers=(1, 8, 9)))

@@ -209,7 +209,7 @@ def test_streaming_resume_after_interrupt(checkpoint, tmp_path, monkeypatch):
         stream_profile(path, ids, dtype="float32", progress=False, checkpoint_dir=tmp_path)
     monkeypatch.setattr(LayerLoader, "load_layer", real_load)
     state = json.loads((tmp_path / "state.0.json").read_text())
-    assert state["progress"] == 2  # layers 0 and 1 finished and saved
+    assert state["steps"][-1]["progress"] == 2  # layers 0 and 1 finished and saved
 
     loaded = []
 
@@ -240,7 +240,7 @@ def test_in_memory_resume_after_interrupt(checkpoint, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         superexperts.profile(model, ids, progress=False, checkpoint_dir=tmp_path)
     handle.remove()
-    assert json.loads((tmp_path / "state.0.json").read_text())["progress"] == 2
+    assert json.loads((tmp_path / "state.0.json").read_text())["steps"][-1]["progress"] == 2
 
     resumed = superexperts.profile(model, ids, progress=False, checkpoint_dir=tmp_path, resume=True)
     same_stats(resumed, uninterrupted)

@@ -14,11 +14,13 @@ out of the mean.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
+from .calibration import check_token_ids
 from .collector import StatsCollector
 from .integration import our_implementations, run_batches
 from .layers import find_layers, tag
@@ -26,6 +28,7 @@ from .rules import SuperExpert
 from .result import ProfileResult
 
 ExpertRef = tuple[int, "int | str"]
+_SHARED_LABEL = re.compile(r"^shared(:\d+)?$")
 
 
 def parse_experts(text: str) -> list[ExpertRef]:
@@ -34,11 +37,11 @@ def parse_experts(text: str) -> list[ExpertRef]:
     for item in filter(None, (s.strip() for s in text.split(";"))):
         try:
             layer_s, expert_s = (x.strip() for x in item.split(","))
-            out.append((int(layer_s), expert_s if expert_s.startswith("shared") else int(expert_s)))
+            out.append((int(layer_s), expert_s if _SHARED_LABEL.match(expert_s) else int(expert_s)))
         except ValueError:
             raise ValueError(
                 f"cannot parse expert {item!r}: expected 'layer,expert' pairs separated by ';', "
-                "e.g. '1,68;2,92' or '8,shared'"
+                "e.g. '1,68;2,92', '8,shared' or '8,shared:1'"
             ) from None
     return out
 
@@ -54,9 +57,21 @@ def expert_refs(experts: Iterable) -> list[ExpertRef]:
             layer, expert = e.get("layer_index", e.get("layer")), e.get("expert_index", e.get("expert"))
             if layer is None or expert is None:
                 raise ValueError(f"expert entry {e} has no layer/expert (or layer_index/expert_index)")
-        else:
+        elif isinstance(e, (tuple, list)) and len(e) == 2:
             layer, expert = e
-        refs.append((int(layer), expert if isinstance(expert, str) else int(expert)))
+        else:
+            raise ValueError(
+                f"expert entry {e!r} is not a (layer, expert) pair, a SuperExpert or a report row "
+                "with layer/expert (or layer_index/expert_index)"
+            )
+        try:
+            if isinstance(expert, str) and not _SHARED_LABEL.match(expert):
+                expert = int(expert)  # the authors' files may hold ids as strings
+            refs.append((int(layer), expert if isinstance(expert, str) else int(expert)))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"expert entry {e!r}: layer must be an integer and expert an integer id, 'shared' or 'shared:i'"
+            ) from None
     return refs
 
 
@@ -154,7 +169,10 @@ def evaluate(
     num_sink_tokens: int = 1,
     progress: bool = True,
 ) -> Evaluation:
-    """Perplexity of `model` on ``tokens [N, L]`` and, in the same pass, its sink mass."""
+    """Perplexity of `model` on ``tokens [N, L]`` (``L >= 2``) and, in the same pass, its sink mass."""
+    check_token_ids(tokens, model.get_input_embeddings().num_embeddings, "evaluation tokens")
+    if tokens.shape[1] < 2:
+        raise ValueError(f"evaluation sequences need at least 2 tokens (a next-token loss), got seq_len {tokens.shape[1]}")
     stats = StatsCollector(num_sink_tokens=num_sink_tokens)
     model.eval()
     with our_implementations(model):
@@ -208,6 +226,7 @@ def ablate(
 ) -> AblationResult:
     """Evaluate `model` on `tokens` as it is and with `experts` pruned; sink decay per layer."""
     refs = expert_refs(experts)
+    prune_experts(model, refs).restore()  # an expert the model does not have fails here, before any work
     base = evaluate(model, tokens, batch_size=batch_size, num_sink_tokens=num_sink_tokens, progress=progress)
     with prune_experts(model, refs):
         after = evaluate(model, tokens, batch_size=batch_size, num_sink_tokens=num_sink_tokens, progress=progress)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ def load_calibration(
     text_field: str = "text",
     add_bos: bool = True,
     max_seq_len: int | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Calibration windows from a file: `load_token_stream` then `pack_windows`.
 
@@ -143,6 +145,8 @@ def load_calibration(
         num_samples, seed: as in `pack_windows` (the choice is always seeded-random).
         add_bos: start every window with the tokenizer's BOS id, if it has one.
         max_seq_len: the model's ``max_position_embeddings``; `seq_len` may not exceed it.
+        vocab_size: the model's vocabulary size; every id must be below it (checked even
+            when there is no tokenizer to check pre-tokenized ids against).
 
     Returns:
         ``[N, seq_len]`` int64.
@@ -156,9 +160,43 @@ def load_calibration(
     tokens = _load_tokens(path, tokenizer, text_field=text_field, split=None)
     if tokens.dim() == 2 and tokens.shape[1] == seq_len:
         rows = _choose(tokens.shape[0], num_samples, seed, True, f"rows of {seq_len} tokens in {path}")
-        return tokens[rows].contiguous()
-    bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
-    return pack_windows(tokens.reshape(-1), seq_len, num_samples=num_samples, seed=seed, bos_token_id=bos)
+        windows = tokens[rows].contiguous()
+    else:
+        bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
+        windows = pack_windows(tokens.reshape(-1), seq_len, num_samples=num_samples, seed=seed, bos_token_id=bos)
+    return check_token_ids(windows, vocab_size, str(path))
+
+
+def check_sink_tokens(num_sink_tokens: int, seq_len: int) -> None:
+    """The sink tokens are the first `num_sink_tokens` positions: at least one, and fewer
+    than `seq_len` (with every key a sink, the sink mass is 1 by definition)."""
+    if num_sink_tokens < 1:
+        raise ValueError(f"--num-sink-tokens must be >= 1, got {num_sink_tokens}")
+    if num_sink_tokens >= seq_len:
+        raise ValueError(
+            f"--num-sink-tokens {num_sink_tokens} must be below --seq-len {seq_len}: with every key a sink, "
+            "the sink mass is 1 by definition"
+        )
+
+
+def check_token_ids(tokens: Any, vocab_size: int | None = None, what: str = "calibration tokens") -> torch.Tensor:
+    """Return `tokens` if it is what a model takes: an integer tensor ``[num_sequences,
+    seq_len]``, not empty, with ids in ``0 .. vocab_size - 1``; else raise a ValueError that
+    names `what`."""
+    if not isinstance(tokens, torch.Tensor):
+        raise ValueError(f"{what} must be a torch.Tensor of token ids [num_sequences, seq_len], got {type(tokens).__name__}")
+    if not _is_integer(tokens.dtype):
+        raise ValueError(f"{what} must be integer token ids, got dtype {tokens.dtype}")
+    if tokens.dim() != 2:
+        raise ValueError(f"{what} must be 2-D [num_sequences, seq_len], got shape {tuple(tokens.shape)}")
+    if tokens.numel() == 0:
+        raise ValueError(f"{what} hold no token (shape {tuple(tokens.shape)})")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0:
+        raise ValueError(f"{what}: negative token id {low}")
+    if vocab_size is not None and high >= vocab_size:
+        raise ValueError(f"{what}: token id {high} is outside the model's vocabulary of {vocab_size} (vocab_size)")
+    return tokens
 
 
 def _choose(
@@ -209,6 +247,18 @@ def _load_tokens(
     path = Path(path)
     if kind == "datasets":
         return _load_datasets_dir(path, tokenizer, text_field, split)
+    if path.stat().st_size == 0:
+        raise ValueError(f"no tokens in {path}: the file is empty (0 bytes)")
+    try:
+        return _load_file(path, kind, tokenizer, text_field)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x}: {e.reason}); if it is Latin-1 or "
+            f"Windows-1252, convert it first, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}"
+        ) from None
+
+
+def _load_file(path: Path, kind: str, tokenizer: Any, text_field: str) -> torch.Tensor:
     if kind in (".txt", ".jsonl", ".json"):
         if tokenizer is None:
             raise ValueError(f"{path} holds text: pass a tokenizer to tokenize it")
@@ -247,7 +297,10 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
 
 def _read_json(path: Path, text_field: str) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
-        records = json.load(f)
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(records, list):
         raise ValueError(
             f"{path}: expected a JSON list of strings or of objects, got {type(records).__name__}"
@@ -301,14 +354,20 @@ def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
 
 
 def _read_npy(path: Path) -> torch.Tensor:
-    array = np.load(path, allow_pickle=False)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
     if not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"{path}: token ids must be integers, got dtype {array.dtype}")
     return torch.from_numpy(array.astype(np.int64))
 
 
 def _read_pt(path: Path) -> torch.Tensor:
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: not a readable torch.save file of token ids ({str(e).splitlines()[0]})") from None
     if isinstance(data, dict):
         if "input_ids" not in data:
             keys = ", ".join(map(str, data)) or "none"
@@ -320,9 +379,13 @@ def _read_pt(path: Path) -> torch.Tensor:
 
 
 def _read_safetensors(path: Path) -> torch.Tensor:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(path)
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     if "input_ids" not in tensors:
         raise ValueError(f"{path}: no 'input_ids' tensor (tensors: {', '.join(tensors) or 'none'})")
     return tensors["input_ids"]

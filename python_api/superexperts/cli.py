@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 from .importance import CRITERIA
+from .distributed import DEFAULT_TIMEOUT_S as DEFAULT_DIST_TIMEOUT_S
 from .rules import RULES, Rule
 
 
@@ -44,12 +46,17 @@ def _parse_layers(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     out: list[int] = []
-    for part in text.split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            out += range(int(lo), int(hi) + 1)
-        elif part.strip():
-            out.append(int(part))
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                out += range(int(lo), int(hi) + 1)
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise ValueError(f"--layers {text!r}: expected layer indices and ranges, e.g. '0-35' or '1,2,3'") from None
+    if not out:
+        raise ValueError(f"--layers {text!r} names no layer")
     return tuple(out)
 
 
@@ -78,7 +85,51 @@ def _load_tokens(path, tokenizer, config, args):
         text_field=args.text_field,
         add_bos=not args.no_bos,
         max_seq_len=getattr(text_config(config), "max_position_embeddings", None),
+        vocab_size=getattr(text_config(config), "vocab_size", None),
     )
+
+
+def _check_data_args(args) -> None:
+    from .calibration import check_sink_tokens
+
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--num-samples", args.num_samples, 1),
+                             ("--seq-len", args.seq_len, 2)):
+        if value < low:
+            raise ValueError(f"{flag} must be at least {low}, got {value}")
+    check_sink_tokens(args.num_sink_tokens, args.seq_len)
+
+
+def _check_model_args(args):
+    """The checkpoint's config (after checking its shards) and the device, before any load."""
+    from .loading import check_model_dir, resolve_device
+
+    config = check_model_dir(args.model)
+    resolve_device(args.device)
+    return config
+
+
+def _check_profile_args(args, config) -> Rule:
+    """Everything `profile` can check before loading a model; returns the rule."""
+    from .layers import text_config
+
+    if args.offload_hidden and not (args.stream or args.parallel):
+        raise ValueError("--offload-hidden applies to layer streaming: add --stream (or --parallel)")
+    if args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    if args.checkpoint_every != 1 and (args.stream or args.parallel):
+        raise ValueError("--checkpoint-every applies without --stream: streamed runs save after every layer")
+    if args.dist_timeout is not None:
+        if args.parallel is None:
+            raise ValueError("--dist-timeout applies to --parallel runs under torchrun")
+        if not args.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    rule = _rule(args)
+    try:
+        rule.layer_set(text_config(config).num_hidden_layers)
+    except ValueError as e:
+        raise ValueError(f"--layers: {e}") from None
+    _check_data_args(args)
+    return rule
 
 
 def print_super_experts(result, rule: Rule) -> None:
@@ -92,15 +143,17 @@ def print_super_experts(result, rule: Rule) -> None:
     print(f"{'rank':>4} {'layer':>5} {'expert':>8} {'output max':>11} {'input max':>10} {'rows':>7} {'sample':>6} {'pos':>5} {'channel':>7}")
     for se in ses:
         u = units[(se.layer, se.expert)]
+        note = {"overflow": "  OVERFLOW: the output exceeded the dtype", "nan": "  NaN in the output"}.get(se.status, "")
         print(
             f"{se.rank:>4} {se.layer:>5} {str(se.expert):>8} {se.value:>11.2f} {u['input_max']:>10.2f} {u['rows']:>7} "
-            f"{u['sample']:>6} {u['position']:>5} {u['channel']:>7}"
+            f"{u['sample']:>6} {u['position']:>5} {u['channel']:>7}{note}"
         )
     if not ses:
         print("  (none)")
-    others = sorted((u for u in result.units() if (u["layer"], u["expert"]) not in {(s.layer, s.expert) for s in ses} and u["kind"] != "dense"), key=lambda u: -u["output_max"])
-    if others:
-        u = others[0]
+    found = {(s.layer, s.expert) for s in ses}
+    others = [u for u in result.units() if (u["layer"], u["expert"]) not in found and u["kind"] != "dense"]
+    if others:  # NaN sorts first: a non-finite value is the finding to show
+        u = max(others, key=lambda u: (math.isnan(u["output_max"]), u["output_max"]))
         print(f"  next largest: layer {u['layer']} expert {u['expert']} output max {u['output_max']:.2f}")
 
 
@@ -123,37 +176,49 @@ def print_ablation(ablation) -> None:
 
 def cmd_profile(args) -> int:
     from .calibration import check_source
-    from .loading import check_model_dir, load_model, load_tokenizer, resolve_device
+    from .files import check_output_dir
+    from .loading import load_model, load_tokenizer, resolve_device
     from .profiler import profile
-    from .report import write_report
 
-    rule = _rule(args)
-    config = check_model_dir(args.model)
+    config = _check_model_args(args)
+    rule = _check_profile_args(args, config)
     check_source(args.calib)
+    check_output_dir(args.out, "--out")
+    if args.checkpoint_dir is not None:
+        check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
+    # The tokens before the model: a bad calibration file fails before the long load.
+    tokens = _load_tokens(args.calib, load_tokenizer(args.model), config, args)
     if args.stream or args.parallel:
+        from . import distributed
         from .streaming import stream_profile
 
-        tokens = _load_tokens(args.calib, load_tokenizer(args.model), config, args)
-        result = stream_profile(
-            args.model, tokens, batch_size=args.batch_size, dtype=args.dtype, device=str(resolve_device(args.device)),
-            num_sink_tokens=args.num_sink_tokens, offload_hidden=args.offload_hidden, parallel=args.parallel,
-            checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-        )
-        if result is None:  # not rank 0: rank 0 reports
-            return 0
-    else:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        tokens = _load_tokens(args.calib, tokenizer, model.config, args)
-        result = profile(
-            model, tokens, batch_size=args.batch_size, num_sink_tokens=args.num_sink_tokens,
-            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        )
+        timeout_s = args.dist_timeout or distributed.DEFAULT_TIMEOUT_S
+        with distributed.process_group(timeout_s, args.checkpoint_dir):
+            result = stream_profile(
+                args.model, tokens, batch_size=args.batch_size, dtype=args.dtype, device=str(resolve_device(args.device)),
+                num_sink_tokens=args.num_sink_tokens, offload_hidden=args.offload_hidden, parallel=args.parallel,
+                checkpoint_dir=args.checkpoint_dir, resume=args.resume, dist_timeout_s=timeout_s,
+            )
+            if result is not None:  # rank 0 (or one process) reports; the others wait for it
+                _report_profile(result, rule, args)
+        return 0
+    model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = profile(
+        model, tokens, batch_size=args.batch_size, num_sink_tokens=args.num_sink_tokens,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+    )
+    _report_profile(result, rule, args)
+    return 0
+
+
+def _report_profile(result, rule: Rule, args) -> None:
+    from .report import write_report
+
     print(f"profiled {result.num_tokens} tokens in {result.elapsed_s:.1f} s ({result.tokens_per_s:.0f} tokens/s)")
     print_super_experts(result, rule)
     print_massive(result)
     paths = write_report(result, args.out, rule=rule, plots=not args.no_plots)
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
-    return 0
 
 
 def _experts_from_report(path: str):
@@ -165,16 +230,20 @@ def _experts_from_report(path: str):
 def cmd_prune_eval(args) -> int:
     from .ablation import ablate, parse_experts
     from .calibration import check_source
-    from .loading import check_model_dir, load_model
+    from .files import check_output_dir
+    from .loading import load_model, load_tokenizer
     from .report import write_ablation
 
     experts = parse_experts(args.experts) if args.experts else _experts_from_report(args.super_experts)
     if not experts:
         raise ValueError("no experts to prune")
-    check_model_dir(args.model)
+    config = _check_model_args(args)
+    _check_data_args(args)
     check_source(args.eval)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    tokens = _load_tokens(args.eval, tokenizer, model.config, args)
+    if args.out:
+        check_output_dir(args.out, "--out")
+    tokens = _load_tokens(args.eval, load_tokenizer(args.model), config, args)
+    model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
     ablation = ablate(model, experts, tokens, batch_size=args.batch_size, num_sink_tokens=args.num_sink_tokens)
     print_ablation(ablation)
     if args.out:
@@ -240,12 +309,14 @@ def cmd_demo(args) -> int:
     from .ablation import ablate
     from .calibration import load_calibration
     from .demo import build_demo
-    from .loading import load_model
+    from .files import check_output_dir
+    from .loading import load_model, resolve_device
     from .profiler import profile
     from .report import write_report
 
     start = time.perf_counter()
-    out = Path(args.out)
+    out = check_output_dir(args.out, "--out")
+    resolve_device(args.device)
     demo = build_demo(out)
     print(f"built the demo model (tiny Qwen3-MoE: 6 layers x 128 experts, top-8) in {demo.model_dir}")
     model, tokenizer = load_model(demo.model_dir, device=args.device)
@@ -291,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--checkpoint-dir", default=None, help="save finished work here (every layer when streaming, else every --checkpoint-every batches)")
     scale.add_argument("--checkpoint-every", type=int, default=1, help="batches between checkpoints without --stream")
     scale.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
+    scale.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                       help="with --parallel: how long a rank waits for the others in a collective before the run "
+                            f"stops with an error naming the ranks that did not answer (default {DEFAULT_DIST_TIMEOUT_S:g})")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("prune-eval", help="prune experts and measure perplexity and attention-sink decay")
@@ -339,13 +413,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; 0 on success, 2 for bad arguments or inputs, 1 when the run
+    failed on the way (a report that cannot be written, a distributed timeout)."""
+    from .distributed import DistributedFailure
+    from .files import LockedError
+    from .report import ReportNotWritten
+
     args = build_parser().parse_args(argv)
     if getattr(args, "resume", False) and not args.checkpoint_dir:
         print("superexperts: error: --resume needs --checkpoint-dir", file=sys.stderr)
         return 2
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (ReportNotWritten, DistributedFailure) as e:
+        print(f"superexperts {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError, ImportError, LockedError) as e:
         print(f"superexperts {args.command}: error: {e}", file=sys.stderr)
         return 2
 

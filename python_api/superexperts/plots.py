@@ -26,18 +26,23 @@ def _pyplot():
 
 def plot_expert_heatmap(result: ProfileResult, super_experts: list[SuperExpert], path: str | Path) -> Path:
     """Layer x expert heatmap of max |down_proj output| (log color scale), Super Experts circled.
-    Shared experts are the rightmost columns, after a white separator line."""
+    Shared experts are the rightmost columns, after a white separator line. Overflowed (inf)
+    experts are red, above the scale; NaN experts are marked with a black x."""
     plt = _pyplot()
     from matplotlib.colors import LogNorm
 
-    m = result.expert_matrix()
+    m = result.expert_matrix()  # NaN also where an expert saw no row
     num_routed = max((s.out_absmax.numel() for s in result.routed.values()), default=0)
-    positive = m[m > 0]
+    positive = m[(m > 0) & m.isfinite()]
     fig, ax = plt.subplots(figsize=(min(16, 3 + 0.08 * m.shape[1] + 2), min(12, 2 + 0.25 * m.shape[0] + 2)))
     if positive.numel():
         norm = LogNorm(vmin=float(positive.min()), vmax=float(positive.max()))
-        im = ax.imshow(torch.where(m > 0, m, float("nan")).numpy(), aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
-        fig.colorbar(im, ax=ax, label="max |down_proj output|")
+        cmap = plt.get_cmap("viridis").with_extremes(over="red")
+        im = ax.imshow(torch.where(m > 0, m, float("nan")).numpy(), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        fig.colorbar(im, ax=ax, label="max |down_proj output|", extend="max" if m.isinf().any() else "neither")
+    nan_cells = _nan_cells(result, num_routed)
+    if nan_cells:
+        ax.scatter([c for _, c in nan_cells], [layer for layer, _ in nan_cells], marker="x", color="black", s=30)
     if m.shape[1] > num_routed:
         ax.axvline(num_routed - 0.5, color="white", linewidth=2)
     for se in super_experts:
@@ -48,6 +53,15 @@ def plot_expert_heatmap(result: ProfileResult, super_experts: list[SuperExpert],
     ax.set_ylabel("layer")
     ax.set_title(f"{result.model_type}: max |down_proj output| per expert ({len(super_experts)} Super Experts circled)")
     return _save(fig, plt, path)
+
+
+def _nan_cells(result: ProfileResult, num_routed: int) -> list[tuple[int, int]]:
+    """(layer, column) of the experts of `expert_matrix` that saw rows and have a NaN max."""
+    cells = []
+    for offset, table in ((0, result.routed), (num_routed, result.shared)):
+        for layer, s in table.items():
+            cells += [(layer, offset + i) for i in torch.nonzero((s.rows > 0) & s.out_absmax.isnan()).flatten().tolist()]
+    return cells
 
 
 def plot_massive_activations(result: ProfileResult, path: str | Path) -> Path:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from .calibration import check_sink_tokens, check_token_ids
 from .integration import as_batches, describe_model, hook_layer, moe_layers, our_implementations, run_batches
 from .result import ProfileResult
-from .sweep import ProfileRun
+from .sweep import ProfileRun, model_identity
 
 
 def profile(
@@ -38,10 +39,12 @@ def profile(
     and the mean sink mass per head.
 
     With `checkpoint_dir`, the stats are saved every `checkpoint_every` batches (and at
-    the end); `resume` continues from the last save, skipping the batches it covers.
+    the end); `resume` continues from the last save, skipping the batches it covers. A resume
+    is refused unless the model (its config, dtype and weights: `superexperts.sweep.model_identity`),
+    the tokens and the settings are those of the saved run.
     """
-    if num_sink_tokens < 1:
-        raise ValueError(f"num_sink_tokens must be >= 1, got {num_sink_tokens}")
+    check_token_ids(calibration, model.get_input_embeddings().num_embeddings)
+    check_sink_tokens(num_sink_tokens, calibration.shape[1])
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     parts = moe_layers(model)
@@ -53,13 +56,13 @@ def profile(
         top_k_hidden=top_k_hidden,
         checkpoint_dir=checkpoint_dir,
         save_every=checkpoint_every,
-        model=meta["model_type"],
+        **(model_identity(model) if checkpoint_dir is not None else {}),
+        model_type=meta["model_type"],
         num_layers=meta["num_layers"],
         streaming=False,
         batch_size=batch_size,
     )
-    if resume:
-        run.resume(next(model.parameters()).device)
+    run.start(next(model.parameters()).device, resume)
 
     model.eval()
     handles = [h for p in parts for h in hook_layer(p, run.stats)]

@@ -1,14 +1,26 @@
-"""Write what a run found: JSON report, the authors'-format SE list, raw stats, plots."""
+"""Write what a run found: JSON report, the authors'-format SE list, raw stats, plots.
+
+JSON has no NaN or infinity; in every JSON file written here a non-finite number is the
+string ``"nan"``, ``"inf"`` or ``"-inf"`` (``float()`` reads each back), never ``null`` or 0.
+A Super Expert whose value is one of them also says so in its ``status``
+(``"overflow"`` / ``"nan"``; see `superexperts.rules`).
+
+Each file is written under a temporary name and renamed into place, so a failure (a full
+disk) leaves the previous file or none, never a truncated one; when the report cannot be
+written, the run's stats are saved in a new temporary directory that the error names.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import tempfile
 import warnings
 from pathlib import Path
 
 from .ablation import AblationResult
+from .files import write_json_atomic
 from .result import ProfileResult
 from .rules import Rule, SuperExpert
 
@@ -33,14 +45,18 @@ def authors_format(super_experts: list[SuperExpert]) -> list[dict]:
     ]
 
 
-def _finite(x):
-    """JSON has no NaN/inf: write null for them."""
+class ReportNotWritten(OSError):
+    """The report could not be written; the message names where the stats were kept."""
+
+
+def json_ready(x):
+    """`x` with every non-finite float as the string ``"nan"``, ``"inf"`` or ``"-inf"``."""
     if isinstance(x, float) and not math.isfinite(x):
-        return None
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
+        return {k: json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
     return x
 
 
@@ -55,7 +71,12 @@ def read_report(path: str | Path, flag: str = "--super-experts") -> tuple[list, 
         p = next((p / f for f in (REPORT_FILE, AUTHORS_FILE) if (p / f).is_file()), p / REPORT_FILE)
     if not p.is_file():
         raise FileNotFoundError(f"{flag}: {p} does not exist")
-    data = json.loads(p.read_text())
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot read {p} ({e.strerror or e})") from None
+    except ValueError as e:  # also UnicodeDecodeError
+        raise ValueError(f"{flag}: {p} is not a JSON file ({e})") from None
     model = data.get("model") if isinstance(data, dict) else None
     experts = data.get("super_experts") if isinstance(data, dict) else data
     if not isinstance(experts, list):
@@ -67,7 +88,7 @@ def read_report(path: str | Path, flag: str = "--super-experts") -> tuple[list, 
 
 
 def build_report(result: ProfileResult, rule: Rule, super_experts: list[SuperExpert], ablation: AblationResult | None = None) -> dict:
-    return _finite(
+    return json_ready(
         {
             "model": result.metadata(),
             "calibration": {
@@ -103,25 +124,36 @@ def write_report(
     """Write ``report.json``, ``Super Experts Report.json``, ``profile.json`` +
     ``stats.safetensors`` (raw stats, reloadable with `ProfileResult.load`) and, with
     `plots` and matplotlib installed (else a warning), the PNGs. Returns the written paths
-    by name."""
+    by name.
+
+    Raises `ReportNotWritten` (an OSError) when a file cannot be written (after saving the
+    stats in a new temporary directory that its message names).
+    """
     rule = rule or Rule()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     super_experts = result.super_experts(rule)
-    paths = {"report": out / REPORT_FILE, "authors_report": out / AUTHORS_FILE}
-    with open(paths["report"], "w") as f:
-        json.dump(build_report(result, rule, super_experts, ablation), f, indent=2)
-    with open(paths["authors_report"], "w") as f:
-        json.dump(authors_format(super_experts), f, indent=2)
-    result.save(out)
-    paths["stats"] = out / "stats.safetensors"
+    paths = {"report": out / REPORT_FILE, "authors_report": out / AUTHORS_FILE, "stats": out / "stats.safetensors"}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        result.save(out)
+        write_json_atomic(paths["authors_report"], json_ready(authors_format(super_experts)))
+        write_json_atomic(paths["report"], build_report(result, rule, super_experts, ablation))
+    except OSError as e:
+        kept = _keep_elsewhere("stats", result.save)
+        raise ReportNotWritten(
+            f"could not write the report to {out}: {e}; {kept}: superexperts.ProfileResult.load(<that directory>) "
+            "reads them, and superexperts.write_report writes the report from them"
+        ) from e
     if plots and can_plot():
         from . import plots as _plots
 
-        paths["heatmap"] = _plots.plot_expert_heatmap(result, super_experts, out / "expert_heatmap.png")
-        paths["massive_activations"] = _plots.plot_massive_activations(result, out / "massive_activations.png")
-        if ablation is not None:
-            paths["sink_decay"] = _plot_sink_decay(ablation, out)
+        try:
+            paths["heatmap"] = _plots.plot_expert_heatmap(result, super_experts, out / "expert_heatmap.png")
+            paths["massive_activations"] = _plots.plot_massive_activations(result, out / "massive_activations.png")
+            if ablation is not None:
+                paths["sink_decay"] = _plot_sink_decay(ablation, out)
+        except OSError as e:
+            warnings.warn(f"plots not written to {out} ({e}); the reports and stats are", stacklevel=2)
     return paths
 
 
@@ -129,12 +161,30 @@ def write_ablation(ablation: AblationResult, out_dir: str | Path, *, plots: bool
     """Write ``ablation.json`` and, with `plots` and matplotlib installed (else a warning),
     ``sink_decay.png``. Returns the written paths by name."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"ablation": out / ABLATION_FILE}
-    paths["ablation"].write_text(json.dumps(_finite(ablation.to_dict()), indent=2))
+    data = json_ready(ablation.to_dict())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(paths["ablation"], data)
+    except OSError as e:
+        kept = _keep_elsewhere("results", lambda d: write_json_atomic(d / ABLATION_FILE, data))
+        raise ReportNotWritten(f"could not write {ABLATION_FILE} to {out}: {e}; {kept}") from e
     if plots and can_plot():
-        paths["sink_decay"] = _plot_sink_decay(ablation, out)
+        try:
+            paths["sink_decay"] = _plot_sink_decay(ablation, out)
+        except OSError as e:
+            warnings.warn(f"plots not written to {out} ({e}); {ABLATION_FILE} is", stacklevel=2)
     return paths
+
+
+def _keep_elsewhere(what: str, save) -> str:
+    """``save(directory)`` into a new temporary directory; say where (or that it failed too)."""
+    try:
+        kept = Path(tempfile.mkdtemp(prefix=f"superexperts-{what}-"))
+        save(kept)
+    except OSError as e:
+        return f"keeping the {what} in a temporary directory failed too ({e})"
+    return f"the {what} are kept in {kept}"
 
 
 def _plot_sink_decay(ablation: AblationResult, out: Path) -> Path:

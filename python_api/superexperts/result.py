@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .collector import DENSE, ROUTED, SHARED, TABLES, StatsCollector, StatsTables
+from .files import atomic_path, write_json_atomic
 from .importance import check_criterion, ranking
 from .rules import Rule, SuperExpert, detect, threshold
 
@@ -185,12 +186,13 @@ class ProfileResult(StatsTables):
         return meta
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``profile.json`` (metadata) and ``stats.safetensors`` (all stat tensors)."""
+        """Write ``profile.json`` (metadata) and ``stats.safetensors`` (all stat tensors),
+        each atomically."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file(self.tensors(), str(d / STATS_FILE))
-        with open(d / META_FILE, "w") as f:
-            json.dump(self.metadata(), f, indent=2)
+        with atomic_path(d / STATS_FILE) as tmp:
+            save_file(self.tensors(), str(tmp))
+        write_json_atomic(d / META_FILE, self.metadata())
         return d
 
     @classmethod

@@ -18,15 +18,25 @@ Mixtral blocks call every expert, with zero rows when it got no token, and their
 records 0 for it; so an expert that saw no calibration token is in ``A`` with ``a = 0``.
 The candidates passed to `detect` follow that by default (`ProfileResult.candidates`);
 ``Rule(exclude_unrouted=True)`` leaves unrouted experts out of ``A``.
+
+Non-finite values are findings, never dropped: the thresholds come from the finite values of
+``A``, and a candidate whose ``a`` is ``inf`` (its down_proj output overflowed the run's dtype)
+or NaN (``inf - inf`` or ``inf * 0`` in its output) is a Super Expert under every rule, ranked
+before the finite ones (overflowed first, then NaN, each in layer order: a NaN in a later layer
+often follows from an earlier overflow), marked in `SuperExpert.status`, with a warning.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 
 RULES = ("paper", "std", "quantile", "mean_multiple")
+# SuperExpert.status: what its value is.
+FINITE, OVERFLOW, NAN = "finite", "overflow", "nan"
 
 
 @dataclass(frozen=True)
@@ -51,9 +61,17 @@ class Rule:
             raise ValueError(f"quantile must be in [0, 100], got {self.quantile}")
         if not 0.0 < self.layer_fraction <= 1.0:
             raise ValueError(f"layer_fraction must be in (0, 1], got {self.layer_fraction}")
+        if not self.max_ratio > 0.0:
+            raise ValueError(f"max_ratio must be > 0 (the paper rule keeps a > max(A) / max_ratio), got {self.max_ratio}")
+        if self.k is not None and not self.k >= 0.0:
+            raise ValueError(f"k must be >= 0, got {self.k}")
 
     def layer_set(self, num_layers: int) -> set[int]:
+        """The candidate layers L; explicit `layers` outside ``0 .. num_layers - 1`` raise."""
         if self.layers is not None:
+            outside = sorted(layer for layer in self.layers if not 0 <= layer < num_layers)
+            if outside:
+                raise ValueError(f"layers {outside} are outside the model's {num_layers} decoder layers (0-{num_layers - 1})")
             return set(self.layers)
         return set(range(round(self.layer_fraction * num_layers)))
 
@@ -75,20 +93,26 @@ class Rule:
 
 @dataclass(frozen=True)
 class SuperExpert:
-    """One detected Super Expert. expert: routed expert id, or "shared" (or "shared:i")."""
+    """One detected Super Expert. expert: routed expert id, or "shared" (or "shared:i").
+    status: "finite", "overflow" (value inf: its output overflowed the run's dtype) or "nan"."""
 
     layer: int
     expert: int | str
     value: float
     rank: int
+    status: str = FINITE
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def threshold(values: torch.Tensor, rule: Rule) -> float:
-    """The value a candidate must exceed under `rule`, given the pooled values ``A`` (1-D)."""
+    """The value a candidate must exceed under `rule`, given the pooled values ``A`` (1-D);
+    non-finite values are left out of ``A`` (inf when no finite value is left)."""
     a = values.double()
+    a = a[a.isfinite()]
+    if a.numel() == 0:
+        return math.inf
     if rule.name == "paper":
         return max(float(torch.quantile(a, rule.quantile / 100.0)), float(a.max()) // rule.max_ratio)
     if rule.name == "quantile":
@@ -99,12 +123,42 @@ def threshold(values: torch.Tensor, rule: Rule) -> float:
 
 
 def detect(candidates: list[tuple[int, int | str, float]], num_layers: int, rule: Rule | None = None) -> list[SuperExpert]:
-    """Apply `rule` to candidates ``(layer, expert, a)``; return the Super Experts, largest first."""
+    """Apply `rule` to candidates ``(layer, expert, a)``; return the Super Experts: the
+    non-finite ones first (overflowed, then NaN; warned about), then the others largest first."""
     rule = rule or Rule()
     layers = rule.layer_set(num_layers)
-    pool = [(layer, expert, value) for layer, expert, value in candidates if layer in layers]
+    pool = [(layer, expert, float(value)) for layer, expert, value in candidates if layer in layers]
     if not pool:
         return []
+    by_layer = sorted(pool, key=lambda c: c[0])
+    overflowed = [(c, OVERFLOW) for c in by_layer if math.isinf(c[2])]
+    nans = [(c, NAN) for c in by_layer if math.isnan(c[2])]
     cut = threshold(torch.tensor([v for _, _, v in pool]), rule)
-    found = sorted((c for c in pool if c[2] > cut), key=lambda c: -c[2])
-    return [SuperExpert(layer, expert, float(value), rank) for rank, (layer, expert, value) in enumerate(found, 1)]
+    finite = sorted((c for c in pool if math.isfinite(c[2]) and c[2] > cut), key=lambda c: -c[2])
+    _warn_non_finite(overflowed, nans)
+    found = overflowed + nans + [(c, FINITE) for c in finite]
+    return [
+        SuperExpert(layer, expert, value, rank, status)
+        for rank, ((layer, expert, value), status) in enumerate(found, 1)
+    ]
+
+
+def _warn_non_finite(overflowed: list, nans: list) -> None:
+    def where(found):
+        shown = ", ".join(f"layer {layer} expert {expert}" for (layer, expert, _), _ in found[:8])
+        return shown + (f" and {len(found) - 8} more" if len(found) > 8 else "")
+
+    if overflowed:
+        warnings.warn(
+            f"down_proj output overflowed (inf) in {where(overflowed)}: reported as Super Experts first; "
+            "profile in a wider dtype (--dtype float32) to measure their values",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if nans:
+        warnings.warn(
+            f"down_proj output max is NaN in {where(nans)}: reported as Super Experts (status 'nan'); "
+            "a NaN often follows an overflow in an earlier layer: profile in a wider dtype (--dtype float32)",
+            RuntimeWarning,
+            stacklevel=3,
+        )

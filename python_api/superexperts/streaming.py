@@ -25,13 +25,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as _dist
+from .calibration import check_sink_tokens, check_token_ids
 from .checkpoint import CheckpointReader
 from .collector import collecting
 from .distributed import ExpertShard
 from .integration import describe_model, hook_layer, register
 from .layers import LayerParts, decoder_layers, find_layers, tag
 from .result import ProfileResult
-from .sweep import ProfileRun
+from .sweep import ProfileRun, checkpoint_identity
 
 _FUSED_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
@@ -193,6 +194,7 @@ def stream_profile(
     top_k_hidden: int = 8,
     offload_hidden: bool = False,
     parallel: str | None = None,
+    dist_timeout_s: float = _dist.DEFAULT_TIMEOUT_S,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -203,7 +205,8 @@ def stream_profile(
     Args:
         calibration: ``[N, L]`` int64 token ids (every rank passes the same tensor).
         parallel: None (one process), ``"expert"`` or ``"data"`` (see `superexperts.distributed`;
-            launch with torchrun).
+            launch with torchrun; the caller leaves the process group).
+        dist_timeout_s: with `parallel`, how long a collective waits for the other ranks.
         checkpoint_dir / resume: save stats and hidden states after every layer; continue a
             run from its last finished layer.
         memory: filled with the resident parameter bytes (base and peak).
@@ -211,8 +214,12 @@ def stream_profile(
     Returns:
         The merged `ProfileResult` on rank 0 (and in a single process); None on other ranks.
     """
+    check_token_ids(calibration)
+    check_sink_tokens(num_sink_tokens, calibration.shape[1])
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     device = torch.device(_dist.local_device(str(device)))
-    par = _dist.init(parallel, device) if parallel else None
+    par = _dist.init(parallel, device, dist_timeout_s) if parallel else None
     rank, world = (par.rank, par.world) if par else (0, 1)
     if isinstance(dtype, str):
         from transformers import AutoConfig
@@ -220,6 +227,7 @@ def stream_profile(
         dtype = AutoConfig.from_pretrained(model_dir).dtype if dtype == "auto" else getattr(torch, dtype)
         dtype = dtype or torch.float32
     model = build_skeleton(model_dir, dtype=dtype, device=device)
+    check_token_ids(calibration, model.get_input_embeddings().num_embeddings)
     parts = find_layers(model)
     loader = LayerLoader(model, model_dir, dtype=dtype, device=device)
     loader.load_base()
@@ -243,14 +251,15 @@ def stream_profile(
         top_k_hidden=top_k_hidden,
         checkpoint_dir=checkpoint_dir,
         rank=rank,
-        model=str(Path(model_dir).resolve()),
+        ranks=par,
+        **(checkpoint_identity(model_dir) if checkpoint_dir is not None else {}),
         streaming=True,
         batch_size=batch_size,
         parallel=parallel,
         world=world,
         dtype=str(dtype),
     )
-    hidden = run.resume(device) if resume else None
+    hidden = run.start(device, resume)
     if hidden is None:
         hidden = [layer_arguments(model, b.to(device))[0][0].to(hidden_home) for b in batches]
     bar = tqdm(total=(len(parts) - run.done) * tokens.numel(), desc=f"stream rank {rank}" if par else "stream",

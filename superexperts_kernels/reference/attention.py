@@ -64,7 +64,10 @@ def attention_with_sink_reference(
     Scores are ``s = scale * q.k`` in fp32, then ``softcap * tanh(s / softcap)`` when
     `softcap` is given. With `sink_logits` (GPT-OSS learned sinks) the softmax denominator
     gains ``exp(sink_logits[h])``, a logit without a value.
-    A query that sees no key gets ``o = 0`` and ``sink_mass = 0``.
+    A query that sees no key gets ``o = 0`` and ``sink_mass = 0``. NaN comes out where softmax
+    attention gives it: a NaN in q, in a key the query sees, in `scale` or in its sink logit,
+    or visible scores that are all ``-inf`` (an overflow), make the query's ``o`` and
+    ``sink_mass`` NaN; a NaN in ``v`` reaches ``o`` through ``p @ v``.
 
     Args:
         q: ``[B, Hq, T, D]`` fp32/fp16/bf16.
@@ -116,7 +119,10 @@ def attention_with_sink_reference(
         row_max = s.amax(dim=-1, keepdim=True)
         if sink is not None:
             row_max = torch.maximum(row_max, sink)
-        row_max.masked_fill_(row_max == float("-inf"), 0.0)
+        # Only a row that sees no key gets max 0 (then o = 0, mass 0). A row that sees keys
+        # whose scores are all -inf (q.k or scale overflowed) keeps -inf, and -inf - -inf
+        # makes it NaN, as softmax does; a NaN score makes the max NaN, and the row NaN.
+        row_max.masked_fill_((row_max == float("-inf")) & ~visible.any(dim=-1, keepdim=True), 0.0)
         p = s.sub_(row_max).exp_()
         denom = p.sum(dim=-1, keepdim=True)
         if sink is not None:
