@@ -50,11 +50,12 @@ struct Problem {
 struct Workspace {
   at::Tensor q, s, o;              // [R, D] scaled queries, [R, kKeyBlock] scores, [R, D] output
   std::vector<float> m, l, sink;   // [R] running max, denominator, sink numerator
+  std::vector<char> seen;          // [R] the row has a visible key
   Workspace(int64_t rows, int64_t head_dim)
       : q(at::empty({rows, head_dim}, at::kFloat)),
         s(at::empty({rows * kKeyBlock}, at::kFloat)),
         o(at::empty({rows, head_dim}, at::kFloat)),
-        m(rows), l(rows), sink(rows) {}
+        m(rows), l(rows), sink(rows), seen(rows) {}
 };
 
 // NaN above every number: a NaN score (from a NaN in q, in a visible key, in `scale` or in a
@@ -86,6 +87,7 @@ void attend_block(const Problem& pb, Workspace& ws, int64_t b, int64_t hk, int64
     ws.m[r] = pb.sink_logits ? pb.sink_logits[h] : kNegInf;
     ws.l[r] = pb.sink_logits ? 1.f : 0.f;
     ws.sink[r] = 0.f;
+    ws.seen[r] = 0;
   }
   ws.o.narrow(0, 0, rows).zero_();
   const at::Tensor q_rows = ws.q.narrow(0, 0, rows), o_rows = ws.o.narrow(0, 0, rows);
@@ -109,7 +111,12 @@ void attend_block(const Problem& pb, Workspace& ws, int64_t b, int64_t hk, int64
       const int64_t hi = std::clamp<int64_t>((pb.causal ? pos + 1 : key_end) - j0, 0, nk);
       const int64_t lo = std::clamp<int64_t>((pb.window ? pos - pb.window + 1 : 0) - j0, 0, hi);
       if (mask) {
-        for (int64_t j = lo; j < hi; ++j) s[j] = mask[j0 + j] ? s[j] : kNegInf;
+        for (int64_t j = lo; j < hi; ++j) {
+          s[j] = mask[j0 + j] ? s[j] : kNegInf;
+          ws.seen[r] |= mask[j0 + j];
+        }
+      } else {
+        ws.seen[r] |= hi > lo;
       }
       const float m_new = nan_max(ws.m[r], vk.max(s + lo, hi - lo));
       std::fill(s, s + lo, 0.f);
@@ -134,8 +141,9 @@ void attend_block(const Problem& pb, Workspace& ws, int64_t b, int64_t hk, int64
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t h = hk * pb.group + r / nq, i = i0 + r % nq;
     const int64_t head = b * pb.group * pb.kv_heads + h;  // flat (b, h)
-    // l = 0: the row saw no key (o = 0, mass 0); l NaN: a NaN reached the row (o and mass NaN).
-    const float inv = ws.l[r] > 0.f || std::isnan(ws.l[r]) ? 1.f / ws.l[r] : 0.f;
+    // l = 0: the row saw no key (o = 0, mass 0), or every score it saw was -inf (an overflow:
+    // NaN, as softmax gives); l NaN: a NaN reached the row (o and mass NaN).
+    const float inv = ws.l[r] > 0.f || std::isnan(ws.l[r]) ? 1.f / ws.l[r] : ws.seen[r] ? NAN : 0.f;
     tk.from_float(ob + r * d, inv, o + (head * pb.seq_q + i) * d, d);
     pb.sink_mass[head * pb.seq_q + i] = ws.sink[r] * inv;
   }

@@ -160,19 +160,23 @@ float max(const float* x, int64_t n) {
   return at::vec::reduce_all<float>([](const Vec& a, const Vec& b) { return vmax(a, b); }, x, n);
 }
 
+// exp(a), NaN where a is NaN (exp_u20 alone gives +inf there: an +inf score minus an +inf max
+// must make the row NaN, as softmax does).
+inline Vec exp_keep_nan(const Vec& a) { return Vec::blendv(a.exp_u20(), a, a.isnan()); }
+
 float exp_sum(float* x, int64_t n, float m) {
   const Vec vm(m);
   Vec acc(0.f);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec e = (Vec::loadu(x + j) - vm).exp_u20();
+    const Vec e = exp_keep_nan(Vec::loadu(x + j) - vm);
     e.store(x + j);
     acc = acc + e;
   }
   if (j < n) {
     const int64_t rest = n - j;
     // loadu fills the lanes past `rest` with zeros: keep their exp(-m) out of the sum.
-    const Vec e = Vec::set(Vec(0.f), (Vec::loadu(x + j, rest) - vm).exp_u20(), rest);
+    const Vec e = Vec::set(Vec(0.f), exp_keep_nan(Vec::loadu(x + j, rest) - vm), rest);
     e.store(x + j, rest);
     acc = acc + e;
   }

@@ -121,6 +121,15 @@ def backend_params():
     ]
 
 
+def all_backend_params():
+    """The backends of `backend_params` and the native CPU kernel (tested at large in
+    test_native.py; here for the cases every backend must agree on)."""
+    from superexperts_kernels import native
+
+    built = pytest.mark.skipif(not native.BUILT, reason="native extension not built")
+    return [*backend_params(), pytest.param("native", id="native", marks=built)]
+
+
 def device_of(backend):
     return KERNEL_DEVICE if backend == "triton" else "cpu"
 
@@ -286,20 +295,12 @@ def test_torch_compile_fullgraph():
 # --------------------------------------------------------------------------- NaN and overflow
 
 NAN_PLACES = ["q_row", "sink_key", "later_key", "masked_key", "scale", "sink_logit", "value", "q_overflow"]
-# Where the Triton kernel hides a NaN today (issue 9, item 4; the kernel belongs to issue 11):
-# a NaN row's l is NaN, and the epilogue's `l > 0` test sends it to the no-key branch (l = 1),
-# so sink_mass is the unnormalized sum; and a row whose visible scores are all -inf is taken
-# for a row that sees no key (m == -inf -> 0), so it gives o = 0 and mass 0 where softmax gives NaN.
-TRITON_HIDES_NAN = {"later_key", "q_overflow"}
 
 
 def nan_places():
-    for backend in backend_params():
+    for backend in all_backend_params():
         for where in NAN_PLACES:
-            marks = list(backend.marks)
-            if backend.values[0] == "triton" and where in TRITON_HIDES_NAN:
-                marks.append(pytest.mark.xfail(strict=True, reason="the Triton kernel hides this NaN (issue 9 item 4)"))
-            yield pytest.param(backend.values[0], where, marks=marks, id=f"{backend.values[0]}-{where}")
+            yield pytest.param(backend.values[0], where, marks=backend.marks, id=f"{backend.values[0]}-{where}")
 
 
 def softmax_nan_rows(q, k, scale, mask, logits):
@@ -362,6 +363,33 @@ def test_nan_in_gives_nan_out(backend, where, dtype):
     keep = ~nan_rows
     torch.testing.assert_close(o[keep].double(), want_o[keep], rtol=TOL_O[dtype][0], atol=TOL_O[dtype][1])
     torch.testing.assert_close(sink[keep].double(), want_sink[keep], rtol=TOL_SINK[0], atol=TOL_SINK[1])
+
+
+@pytest.mark.parametrize("backend", all_backend_params())
+@pytest.mark.parametrize("plus_inf", [False, True], ids=["all_minus_inf", "plus_and_minus_inf"])
+@pytest.mark.parametrize("window", [None, 6], ids=["causal", "window6"])
+def test_overflowed_scores_without_padding_give_nan(backend, window, plus_inf):
+    """Without a padding mask the kernels know which queries see a key from the positions: a
+    query whose visible scores all overflowed to -inf, or hold +inf, is NaN, a query that sees no key
+    (q longer than k, bottom-right causal) is 0, the others are exact."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, t, 16, generator=g) for t in (12, 10, 10))
+    q[0, 1, 5] = 0.0
+    q[0, 1, 5, 2] = float("inf")  # query 5 (position 3) sees keys 0..3 (window: all within 6)
+    k[0, 1, :4, 2] = -1.0
+    if plus_inf:  # scores +inf and -inf: inf - inf in the softmax, NaN too
+        k[0, 1, 2, 2] = 1.0
+    device = device_of(backend)
+    out = run(backend, device, q.to(device), k.to(device), v.to(device), 0.25, causal=True, sliding_window=window)
+    o, sink = out.o.cpu(), out.sink_mass.cpu()
+    nan_rows = torch.zeros(1, 2, 12, dtype=torch.bool)
+    nan_rows[0, 1, 5] = True
+    assert torch.equal(sink.isnan(), nan_rows) and torch.equal(o.isnan().all(-1), nan_rows)
+    assert torch.all(o[0, :, :2] == 0) and torch.all(sink[0, :, :2] == 0)  # no key seen
+    want_o, want_sink, _ = oracle(q, k, v, 0.25, True, 1, window, torch.ones(1, 10, dtype=torch.bool), None)
+    keep = ~nan_rows
+    torch.testing.assert_close(o[keep].double(), want_o[keep], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sink[keep].double(), want_sink[keep], rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- reference extras

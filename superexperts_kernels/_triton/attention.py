@@ -47,7 +47,7 @@ def _load_tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.co
 
 @triton.jit
 def _attend_stage(
-    acc, l_i, m_i, sink_acc, q, k_ptrs, v_ptrs, pad_ptr, d_ok, pos_q, lo, full_lo, full_hi, hi,
+    acc, l_i, m_i, sink_acc, seen, q, k_ptrs, v_ptrs, pad_ptr, d_ok, pos_q, lo, full_lo, full_hi, hi,
     seq_k, num_sink, window, qk_scale, softcap, stride_kn, stride_vn, stride_pn,
     STAGE: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -62,7 +62,8 @@ def _attend_stage(
 ):
     """Online-softmax steps over the key blocks of one stage: 0 = ``[lo, full_lo)`` and
     2 = ``[full_hi, hi)`` with bounds, causal and window masks;
-    1 = ``[full_lo, full_hi)``, seen entirely by every query of the tile, unmasked."""
+    1 = ``[full_lo, full_hi)``, seen entirely by every query of the tile, unmasked.
+    With key padding, ``seen`` (int32 per row) becomes 1 once a row has a visible key."""
     if STAGE == 0:
         start, end = lo, full_lo
     elif STAGE == 1:
@@ -90,6 +91,11 @@ def _attend_stage(
             if HAS_WINDOW:
                 visible = visible & (pos_q[:, None] - offs_n[None, :] < window)
             s = tl.where(visible, s, float("-inf"))
+        if HAS_PAD:
+            sees = key_ok[None, :]
+            if MASKED:
+                sees = sees & visible
+            seen = tl.maximum(seen, tl.max(sees.to(tl.int32), 1))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key yet keeps m = -inf; subtract 0 there instead.
@@ -109,7 +115,7 @@ def _attend_stage(
             if start_n < num_sink:
                 sink_acc += tl.sum(tl.where(offs_n[None, :] < num_sink, p, 0.0), 1)
         m_i = m_new
-    return acc, l_i, m_i, sink_acc
+    return acc, l_i, m_i, sink_acc, seen
 
 
 @triton.jit
@@ -196,6 +202,7 @@ def _sink_attention_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     sink_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    seen = tl.zeros([BLOCK_M], dtype=tl.int32)
 
     # Key range [lo, hi) some query of the tile sees, and the block-aligned range
     # [full_lo, full_hi) that every (in-bounds) query of the tile sees entirely.
@@ -221,14 +228,26 @@ def _sink_attention_fwd_kernel(
     full_hi = tl.where(no_full, hi_up, full_hi)
 
     for stage in tl.static_range(3):
-        acc, l_i, m_i, sink_acc = _attend_stage(
-            acc, l_i, m_i, sink_acc, q, k_ptrs, v_ptrs, pad_row, d_ok, pos_q, lo, full_lo, full_hi, hi,
+        acc, l_i, m_i, sink_acc, seen = _attend_stage(
+            acc, l_i, m_i, sink_acc, seen, q, k_ptrs, v_ptrs, pad_row, d_ok, pos_q, lo, full_lo, full_hi, hi,
             seq_k, num_sink, window, qk_scale, softcap, stride_kn, stride_vn, stride_pn,
             stage, CAUSAL, HAS_WINDOW, HAS_PAD, HAS_SOFTCAP, WITH_SINK, EVEN_D, UPCAST, DOT_PRECISION, BLOCK_N,
         )
 
-    # l == 0 only for a query that saw no key (and has no learned sink): o = 0, mass = 0.
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    # l == 0 for a query that saw no key (and has no learned sink): o = 0, mass = 0; and for one
+    # whose visible scores are all -inf (an overflow), where softmax gives NaN, as here. A NaN l
+    # (a NaN score) passes through.
+    if not HAS_PAD:
+        row_hi = seq_k + zero
+        if CAUSAL:
+            row_hi = tl.minimum(row_hi, pos_q + 1)
+        row_lo = zero
+        if HAS_WINDOW:
+            row_lo = tl.maximum(pos_q - window + 1, 0)
+        seen = (row_hi > row_lo).to(tl.int32)
+    overflow = (seen > 0) & (m_i == float("-inf"))
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    l_safe = tl.where(overflow, float("nan"), l_safe)
     o = acc / l_safe[:, None]
     o_ptrs = o_ptr + b * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
