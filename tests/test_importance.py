@@ -4,29 +4,20 @@ import json
 
 import pytest
 import torch
-import transformers
-from tiny_models import build_model, plant, tokens
+from tiny_models import EAGER, OURS, build_model, load_saved, plant, saved_family, tokens
 
 import superexperts
 from superexperts.importance import CRITERIA, ranking, scores
 from superexperts.layers import find_layers
 from superexperts.result import ProfileResult
 
-OURS = dict(experts_implementation="superexperts", attn_implementation="superexperts_sink")
-EAGER = dict(experts_implementation="eager", attn_implementation="eager")
 FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "qwen2_moe"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def saved(request, tmp_path_factory):
-    superexperts.register()
-    path = tmp_path_factory.mktemp(request.param)
-    build_model(request.param).save_pretrained(path)
-    return request.param, path
-
-
-def _load(path, impl):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, **impl).eval()
+    """(family, checkpoint dir) of a tiny random model of each family."""
+    return saved_family(request.param, tmp_path_factory)
 
 
 def importance_oracle(model, ids):
@@ -89,8 +80,8 @@ def importance_oracle(model, ids):
 def test_importance_sums_equal_oracle(saved):
     family, path = saved
     ids = tokens(2, 12, seed=3)
-    result = superexperts.profile(_load(path, OURS), ids, batch_size=2, progress=False)
-    want = importance_oracle(_load(path, EAGER), ids)
+    result = superexperts.profile(load_saved(path, OURS), ids, batch_size=2, progress=False)
+    want = importance_oracle(load_saved(path, EAGER), ids)
 
     units = {(u["layer"], u["expert"]): u for u in result.units() if u["kind"] in ("routed", "shared")}
     routed_keys = {k for k in units if units[k]["kind"] == "routed" and units[k]["rows"]}
@@ -114,7 +105,7 @@ def test_sums_merge_over_batches(saved):
     """Batch by batch or all at once: the same counts, and sums within fp32 rounding of a call."""
     _, path = saved
     ids = tokens(4, 10, seed=4)
-    model = _load(path, OURS)
+    model = load_saved(path, OURS)
     one = superexperts.profile(model, ids, batch_size=4, progress=False)
     many = superexperts.profile(model, ids, batch_size=1, progress=False)
     for layer, s in one.routed.items():

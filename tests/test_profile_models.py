@@ -2,43 +2,44 @@
 
 import pytest
 import torch
-import transformers
-from tiny_models import FAMILIES, assert_matches_oracle, build_model, oracle_profile, plant, record_op_calls, save_and_load, tokens
+from tiny_models import (
+    EAGER,
+    FAMILIES,
+    OURS,
+    assert_matches_oracle,
+    build_model,
+    load_saved,
+    oracle_profile,
+    plant,
+    record_op_calls,
+    save_and_load,
+    saved_family,
+    tokens,
+)
 
 import superexperts
 from superexperts.layers import find_layers
 
-OURS = dict(experts_implementation="superexperts", attn_implementation="superexperts_sink")
-EAGER = dict(experts_implementation="eager", attn_implementation="eager")
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def saved(request, tmp_path_factory):
     """(family, checkpoint dir) of a tiny random model of each family."""
-    superexperts.register()
-    path = tmp_path_factory.mktemp(request.param)
-    build_model(request.param).save_pretrained(path)
-    return request.param, path
-
-
-def _load(path, impl):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, **impl).eval()
+    return saved_family(request.param, tmp_path_factory)
 
 
 def test_outputs_equal_eager(saved):
     family, path = saved
     ids = tokens(2, 20)
     with torch.no_grad():
-        ours = _load(path, OURS)(ids).logits
-        eager = _load(path, EAGER)(ids).logits
+        ours = load_saved(path, OURS)(ids).logits
+        eager = load_saved(path, EAGER)(ids).logits
     torch.testing.assert_close(ours, eager, rtol=1e-4, atol=1e-4)
 
 
 def test_stats_equal_brute_force(saved):
     family, path = saved
     ids = tokens(3, 20, seed=1)
-    result = superexperts.profile(_load(path, OURS), ids, progress=False)
-    want = oracle_profile(_load(path, EAGER), ids)
+    result = superexperts.profile(load_saved(path, OURS), ids, progress=False)
+    want = oracle_profile(load_saved(path, EAGER), ids)
 
     assert_matches_oracle(result, want, ids)
 
@@ -46,7 +47,7 @@ def test_stats_equal_brute_force(saved):
 def test_planted_super_expert_found_exactly(saved, tmp_path):
     family, path = saved
     ids = tokens(4, 24, seed=2)
-    model = _load(path, OURS)
+    model = load_saved(path, OURS)
     before = superexperts.profile(model, ids, progress=False)
     moe_layers = [i for i, kind in enumerate(before.layer_kinds) if kind == "moe"]
     layer = moe_layers[0]
@@ -73,7 +74,7 @@ def test_shared_expert_can_be_a_super_expert(tmp_path):
 def test_pruning_by_skipping_equals_zeroed_weights(saved):
     family, path = saved
     ids = tokens(2, 20, seed=3)
-    model = _load(path, OURS)
+    model = load_saved(path, OURS)
     parts = find_layers(model)
     moe = [p for p in parts if p.is_moe]
     targets = [(moe[0].index, 1), (moe[-1].index, 0)]
@@ -82,7 +83,7 @@ def test_pruning_by_skipping_equals_zeroed_weights(saved):
     with torch.no_grad(), superexperts.prune_experts(model, targets):
         skipped = model(ids).logits
 
-    zeroed = _load(path, EAGER)
+    zeroed = load_saved(path, EAGER)
     zparts = find_layers(zeroed)
     with torch.no_grad():
         for layer, expert in targets:
@@ -98,13 +99,13 @@ def test_pruning_by_skipping_equals_zeroed_weights(saved):
     torch.testing.assert_close(skipped, reference, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         restored = model(ids).logits
-        original = _load(path, EAGER)(ids).logits
+        original = load_saved(path, EAGER)(ids).logits
     torch.testing.assert_close(restored, original, rtol=1e-4, atol=1e-4)
 
 
 def test_user_loaded_model_keeps_its_implementations(saved):
     family, path = saved
-    model = _load(path, dict(experts_implementation="batched_mm", attn_implementation="eager"))
+    model = load_saved(path, dict(experts_implementation="batched_mm", attn_implementation="eager"))
     superexperts.profile(model, tokens(1, 12), progress=False)
     assert model.config._experts_implementation == "batched_mm"
     assert model.config._attn_implementation == "eager"
@@ -112,7 +113,7 @@ def test_user_loaded_model_keeps_its_implementations(saved):
 
 def test_stats_memory_does_not_grow_with_batches(saved):
     family, path = saved
-    model = _load(path, OURS)
+    model = load_saved(path, OURS)
     from superexperts.collector import StatsCollector
     from superexperts.integration import our_implementations, run_batches
 
@@ -130,7 +131,7 @@ def test_experts_call_the_op_without_host_reads_and_gate_up_without_stats(saved,
     op to read `offsets` back (the integration builds them from counts)."""
     family, path = saved
     calls = record_op_calls(monkeypatch)
-    model = _load(path, OURS)
+    model = load_saved(path, OURS)
     moe_layers = sum(p.is_moe for p in find_layers(model))
     with torch.no_grad():
         model(tokens(1, 9))

@@ -135,6 +135,26 @@ def save_and_load(model, path: Path, **load_kwargs):
     return loaded.eval()
 
 
+OURS = dict(experts_implementation="superexperts", attn_implementation="superexperts_sink")
+EAGER = dict(experts_implementation="eager", attn_implementation="eager")
+
+
+def saved_family(family: str, tmp_path_factory) -> tuple[str, Path]:
+    """(family, checkpoint dir) of a tiny random model of `family`, saved as safetensors (for
+    module-scoped fixtures; registers our implementations first)."""
+    import superexperts
+
+    superexperts.register()
+    path = tmp_path_factory.mktemp(family)
+    build_model(family).save_pretrained(path)
+    return family, path
+
+
+def load_saved(path: Path, impl: dict) -> nn.Module:
+    """The checkpoint at `path` through transformers' loading, with the implementations `impl`."""
+    return transformers.AutoModelForCausalLM.from_pretrained(path, **impl).eval()
+
+
 def tokens(num: int = 4, seq_len: int = 24, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (num, seq_len), generator=g)
