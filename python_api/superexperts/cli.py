@@ -115,7 +115,7 @@ def print_ablation(ablation) -> None:
 
 def cmd_profile(args) -> int:
     from .calibration import check_source
-    from .loading import check_model_dir, load_model, load_tokenizer, resolve_device
+    from .loading import check_model_dir, load_model_in_background, load_tokenizer, resolve_device
     from .profiler import profile
     from .report import write_report
 
@@ -134,12 +134,12 @@ def cmd_profile(args) -> int:
         if result is None:  # not rank 0: rank 0 reports
             return 0
     else:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        tokens = _load_tokens(args.calib, tokenizer, model.config, args)
-        result = profile(
-            model, tokens, batch_size=args.batch_size, num_sink_tokens=args.num_sink_tokens,
-            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        )
+        tokens = _load_tokens(args.calib, load_tokenizer(args.model), config, args)
+        with load_model_in_background(args.model, dtype=args.dtype, device=args.device) as (model, _):
+            result = profile(
+                model, tokens, batch_size=args.batch_size, num_sink_tokens=args.num_sink_tokens,
+                checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+            )
     print(f"profiled {result.num_tokens} tokens in {result.elapsed_s:.1f} s ({result.tokens_per_s:.0f} tokens/s)")
     print_super_experts(result, rule)
     print_massive(result)
