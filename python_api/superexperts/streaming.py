@@ -140,7 +140,7 @@ def _share_equal(value, pool: list, seen: dict):
         return seen[id(value)][1]
     if isinstance(value, dict):
         return {k: _share_equal(v, pool, seen) for k, v in value.items()}
-    if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
+    if type(value) in (tuple, list):  # plain containers (a named tuple is kept as it is)
         return type(value)(_share_equal(v, pool, seen) for v in value)
     return value
 
