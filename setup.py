@@ -6,9 +6,9 @@ requirement on torch would make pip fetch a torch of its own). Without torch, wi
 compiler, or with ``SUPEREXPERTS_NO_EXT=1``, the package installs without it and runs on the
 torch reference / Triton paths.
 
-- CPU: ``csrc/*.cpp`` with OpenMP. When the build machine's CPU has AVX2 and FMA they are
-  enabled (``-mavx2 -mfma``, ATen's AVX2 vector types), so the extension is built for the
-  machine it is installed on; ``SUPEREXPERTS_PORTABLE=1`` leaves them off.
+- CPU: ``csrc/*.cpp`` with OpenMP and no ``-m`` flag: the binary does not depend on the build
+  machine's CPU. The vector loops are compiled once per instruction set (``csrc/cpu_isa_*.cpp``
+  set their own target) and chosen at run time (``csrc/cpu_isa.h``).
 - CUDA: ``csrc/*.cu`` too, when the installed torch was built with CUDA and finds a CUDA
   toolkit (``SUPEREXPERTS_NO_CUDA=1`` skips them). A CPU-only torch wheel ships no CUDA
   libraries to link against, so with it the CUDA sources are skipped.
@@ -17,7 +17,6 @@ Sources compile in parallel with ninja when it is on PATH, one after the other w
 """
 
 import os
-import platform
 import shutil
 import sys
 from pathlib import Path
@@ -31,16 +30,6 @@ NAME = "superexperts_kernels._native"
 
 def _say(message):
     print(f"superexperts: {message}", file=sys.stderr)
-
-
-def _has_avx2_fma():
-    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("SUPEREXPERTS_PORTABLE") == "1":
-        return False
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return {"avx2", "fma", "f16c"} <= set(flags.split())
 
 
 def _extensions():
@@ -58,9 +47,7 @@ def _extensions():
         _say("no C++ compiler; skipping the native extension")
         return [], {}
 
-    cxx_flags = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas"]
-    if _has_avx2_fma():
-        cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-psabi"]
     kwargs = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
 
     cu = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))

@@ -33,7 +33,17 @@ def machine() -> dict:
         "torch": torch.__version__,
         "cpu": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_flags": cpu_flags(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+    try:
+        from superexperts_kernels import native
+
+        native_info = native.info()
+        info["native_cpu_capability"] = native_info.get("cpu_capability")
+        info["native_cpu_gemm_dtype"] = native_info.get("cpu_gemm_dtype")
+    except ImportError:
+        pass
     for mod in ("triton", "transformers"):
         try:
             info[mod] = __import__(mod).__version__
@@ -47,15 +57,25 @@ def machine() -> dict:
     return info
 
 
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first /proc/cpuinfo line naming `field`, or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags (/proc/cpuinfo), or [] where that is not readable."""
+    return (_cpuinfo("flags") or "").split()
 
 
 def sync(device: torch.device) -> None:
@@ -82,6 +102,25 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 1, reps: int = 5
+) -> dict[str, float]:
+    """Median wall time in ms of each of `fns`, timed in turns (one call of each per round),
+    so that a change of machine load during the run reaches every method alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:

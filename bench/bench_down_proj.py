@@ -8,16 +8,24 @@ Methods, all on the same routed rows and weights, in one run:
   read ``offsets`` once: one host sync).
 - ``ours_nostats``: the same backend with the statistics turned off; the stats overhead
   is ``ours_kernel / ours_nostats - 1``.
-- ``grouped_mm+reduce``: ``F.grouped_mm`` (``torch._grouped_mm``) followed by separate
-  reductions giving the same outputs (per-expert max |y|, its location, max |x|).
+- ``grouped_mm``: ``F.grouped_mm`` (``torch._grouped_mm``) alone, no statistics: the GEMM
+  that transformers' default experts run; ``ours_vs_grouped_mm`` = ``ours / grouped_mm``.
+- ``grouped_mm_fp32`` (CPU, bf16/fp16 only): the same on fp32 copies (the weights upcast once,
+  outside the timing; the rows upcast and y rounded back inside it): the strongest plain-torch
+  CPU baseline where torch's bf16 GEMMs are slow.
+- ``grouped_mm+reduce``: ``F.grouped_mm`` followed by separate reductions giving the same
+  outputs (per-expert max |y|, its location, max |x|).
 - ``hook_loop``: one ``nn.Linear`` per expert with a forward hook recording
   ``input[0].abs().max()`` and ``output.abs().max()``, run in a Python loop over experts:
   how the authors' tool profiles (it needs per-expert modules).
 
+On CPU the methods are timed in turns (one call of each per round, median of the rounds),
+and the JSON records the CPU flags and the native kernels' run-time choices.
+
 Usage::
 
-    python -m bench.bench_down_proj                       # all shapes, defaults per device
-    python -m bench.bench_down_proj --shapes qwen3-30b-a3b --tokens 512 --dtype bfloat16
+    python -m bench.bench_down_proj                       # defaults per device
+    python -m bench.bench_down_proj --shapes qwen3-30b-a3b --tokens 512 --dtype bfloat16 float32
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import torch.nn.functional as F
 import superexperts_kernels as sk
 from superexperts_kernels import _backend
 
-from ._common import peak_memory_mb, print_table, time_fn, write_json
+from ._common import peak_memory_mb, print_table, time_fn, time_interleaved, write_json
 
 SHAPES = {
     # name: (experts, hidden H, moe intermediate I, top-k)
@@ -38,6 +46,8 @@ SHAPES = {
     "deepseek-v3": (256, 7168, 2048, 8),
     "mixtral-8x7b": (8, 4096, 14336, 2),
 }
+# DeepSeek-V3's weights take 7.5 GB in bf16 (15 GB in fp32): on CPU only when asked for.
+CPU_SHAPES = ["qwen3-30b-a3b", "mixtral-8x7b"]
 
 
 def routed_inputs(num_experts, hidden, inter, top_k, tokens, dtype, device, seed=0):
@@ -108,18 +118,26 @@ def bench_shape(name, tokens, dtype, device, reps):
     impl = _backend.get_impl("moe_down_proj_profile", device.type)
     hook_loop = HookLoop(w)
 
+    w_t = w.transpose(1, 2)
     methods = {
         "ours": lambda: sk.moe_down_proj_profile(x, w, offsets),
         "ours_kernel": lambda: impl(x, w, offsets, None, None, False, False),
         "ours_nostats": lambda: impl(x, w, offsets, None, None, False, False, with_stats=False),
+        "grouped_mm": lambda: F.grouped_mm(x, w_t, offs=offsets),
         "grouped_mm+reduce": lambda: grouped_mm_then_reduce(x, w, offsets, counts_dev),
         "hook_loop": lambda: hook_loop(x, counts_list),
     }
+    if device.type == "cpu" and dtype != torch.float32:
+        w32_t = w.float().transpose(1, 2)
+        methods["grouped_mm_fp32"] = lambda: F.grouped_mm(x.float(), w32_t, offs=offsets).to(dtype)
     with torch.no_grad():
         ours = sk.moe_down_proj_profile(x, w, offsets)
         base = grouped_mm_then_reduce(x, w, offsets, counts_dev)
         agree = bool(torch.allclose(ours.out_absmax, base[1], rtol=2e-2, atol=1e-2))
-        times = {m: time_fn(fn, device, reps=reps, warmup=1 if device.type == "cpu" else 5) for m, fn in methods.items()}
+        if device.type == "cpu":
+            times = time_interleaved(methods, device, reps=reps)
+        else:
+            times = {m: time_fn(fn, device, reps=reps, warmup=5) for m, fn in methods.items()}
         mem = {m: peak_memory_mb(fn, device) for m, fn in methods.items()}
     flops = 2.0 * x.shape[0] * hidden * inter
     rows = []
@@ -127,6 +145,7 @@ def bench_shape(name, tokens, dtype, device, reps):
         rows.append(
             {
                 "shape": name,
+                "dtype": str(dtype).replace("torch.", ""),
                 "method": m,
                 "backend": backend if m.startswith("ours") else "torch",
                 "rows": x.shape[0],
@@ -138,10 +157,13 @@ def bench_shape(name, tokens, dtype, device, reps):
         )
     summary = {
         "shape": name,
+        "dtype": str(dtype).replace("torch.", ""),
         "tokens": tokens,
         "stats_overhead": times["ours_kernel"] / times["ours_nostats"] - 1.0,
+        "ours_vs_grouped_mm": times["ours"] / times["grouped_mm"],
+        "ours_vs_grouped_mm_fp32": times["ours"] / times["grouped_mm_fp32"] if "grouped_mm_fp32" in times else None,
+        "ours_vs_grouped_mm+reduce": times["ours"] / times["grouped_mm+reduce"],
         "speedup_vs_hook_loop": times["hook_loop"] / times["ours"],
-        "ratio_vs_grouped_mm": times["ours"] / times["grouped_mm+reduce"],
         "stats_agree_with_baseline": agree,
     }
     return rows, summary
@@ -149,9 +171,11 @@ def bench_shape(name, tokens, dtype, device, reps):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="*", default=None, choices=list(SHAPES),
+                   help=f"default: all on CUDA, {' '.join(CPU_SHAPES)} on CPU")
     p.add_argument("--tokens", type=int, default=None, help="tokens per call (default 4096 on CUDA, 256 on CPU)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", nargs="+", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="one or more (default bfloat16 on CUDA, bfloat16 float32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON path (default bench/results/down_proj_<device>.json)")
@@ -160,18 +184,20 @@ def main(argv=None):
     device = torch.device(args.device)
     tokens = args.tokens or (4096 if device.type == "cuda" else 256)
     reps = args.reps or (20 if device.type == "cuda" else 7)
-    dtype = getattr(torch, args.dtype)
+    shapes = args.shapes or (list(SHAPES) if device.type == "cuda" else CPU_SHAPES)
+    dtypes = args.dtype or (["bfloat16"] if device.type == "cuda" else ["bfloat16", "float32"])
     all_rows, summaries = [], []
-    for name in args.shapes:
-        rows, summary = bench_shape(name, tokens, dtype, device, reps)
-        all_rows += rows
-        summaries.append(summary)
-        print_table(rows, ["shape", "method", "backend", "rows", "ms", "TFLOP/s", "vs_ours", "peak_MB"])
-        print()
+    for name in shapes:
+        for dtype_name in dtypes:
+            rows, summary = bench_shape(name, tokens, getattr(torch, dtype_name), device, reps)
+            all_rows += rows
+            summaries.append(summary)
+            print_table(rows, ["shape", "dtype", "method", "backend", "rows", "ms", "TFLOP/s", "vs_ours", "peak_MB"])
+            print()
     print_table(summaries, list(summaries[0]))
     write_json(
         "down_proj",
-        {"dtype": args.dtype, "tokens": tokens, "reps": reps, "results": all_rows, "summary": summaries},
+        {"dtypes": dtypes, "tokens": tokens, "reps": reps, "results": all_rows, "summary": summaries},
         args.out,
     )
 

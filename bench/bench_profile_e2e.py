@@ -46,13 +46,26 @@ PAIRS = {"ours": "authors", "ours_stream": "authors_stream"}
 def build_model(layers: int, dtype: torch.dtype, device: str, seed: int = 0):
     import transformers
 
-    from superexperts.loading import materialize_buffers
-
     cfg = transformers.Qwen3MoeConfig(
         vocab_size=4096, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
         num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960,
     )
+    model = random_model(cfg, dtype, device, seed)
+    with torch.no_grad():
+        for layer, expert in PLANTED:
+            if layer < layers:
+                model.model.layers[layer].mlp.experts.down_proj[expert].mul_(100.0)
+    return model
+
+
+def random_model(cfg, dtype: torch.dtype, device: str, seed: int = 0):
+    """The causal LM of `cfg` with random weights (norms 1, the rest N(0, 1 / fan_in)), in
+    eval mode; built on the meta device and filled in place, so no second copy is made."""
+    import transformers
+
+    from superexperts.loading import materialize_buffers
+
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model = model.to_empty(device=device)
@@ -66,9 +79,6 @@ def build_model(layers: int, dtype: torch.dtype, device: str, seed: int = 0):
             fan_in = p.shape[-1]
             for chunk in p.view(-1, fan_in).split(max(1, (1 << 22) // fan_in)):
                 chunk.copy_(torch.randn(chunk.shape, generator=g) / fan_in**0.5)
-        for layer, expert in PLANTED:
-            if layer < layers:
-                model.model.layers[layer].mlp.experts.down_proj[expert].mul_(100.0)
     return model.eval()
 
 

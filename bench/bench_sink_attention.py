@@ -13,12 +13,14 @@ Methods, all on the same causal GQA inputs (Qwen3-30B-A3B heads: Hq=32, Hkv=4, D
   ``probs[..., :N].sum(-1)``. Reported as OOM where it does not fit.
 
 Peak memory: on CUDA the allocator's peak above the inputs; on CPU the growth of the peak
-RSS over the inputs, each method in a fresh subprocess (``--no-memory`` skips it).
+RSS over the inputs, each method in a fresh subprocess (``--no-memory`` skips it). On CPU the
+methods are timed in turns (one call of each per round, median of the rounds), and eager runs
+only up to ``--eager-max-seq`` (its T x T fp32 matrices would not fit past that).
 
 Usage::
 
-    python -m bench.bench_sink_attention                      # T = 2k, 8k, 32k on CUDA; 512..2048 on CPU
-    python -m bench.bench_sink_attention --seq-lens 1024 4096 --dtype float16
+    python -m bench.bench_sink_attention                      # T = 2k, 8k, 32k on CUDA; 512, 2k, 8k on CPU
+    python -m bench.bench_sink_attention --seq-lens 1024 4096 --dtype float16 float32
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 import superexperts_kernels as sk
 from superexperts_kernels import _backend
 
-from ._common import peak_memory_mb, peak_rss_mb, print_table, run_child, time_fn, write_json
+from ._common import peak_memory_mb, peak_rss_mb, print_table, run_child, time_fn, time_interleaved, write_json
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 4, 128  # Qwen3-30B-A3B
 METHODS = ("ours", "ours_nosink", "sdpa", "eager")
@@ -81,17 +83,18 @@ def sdpa_fn(q, k, v, scale):
         return default, "default"
 
 
-def method_fns(seq, dtype, device, num_sink):
+def method_fns(seq, dtype, device, num_sink, eager=True):
     """Callables for the methods that run on `device`, and the SDPA backend name."""
     q, k, v = make_inputs(seq, dtype, device)
     scale = HEAD_DIM**-0.5
     sdpa, sdpa_backend = sdpa_fn(q, k, v, scale)
-    causal_mask = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
     fns = {
         "ours": lambda: sk.attention_with_sink(q, k, v, scale, num_sink_tokens=num_sink),
         "sdpa": sdpa,
-        "eager": lambda: eager_attention(q, k, v, scale, num_sink, causal_mask),
     }
+    if eager:
+        causal_mask = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+        fns["eager"] = lambda: eager_attention(q, k, v, scale, num_sink, causal_mask)
     if _backend.select("attention_with_sink", device.type) == "triton":
         from superexperts_kernels._triton.attention import attention_with_sink_triton
 
@@ -116,38 +119,42 @@ def child(method, seq, dtype_name, num_sink):
     with torch.no_grad():
         # A tiny call first, so that the library code the method touches is already
         # resident and not counted as its memory.
-        method_fns(64, dtype, cpu, num_sink)[0][method]()
-        fns, _ = method_fns(seq, dtype, cpu, num_sink)
+        method_fns(64, dtype, cpu, num_sink, eager=method == "eager")[0][method]()
+        fns, _ = method_fns(seq, dtype, cpu, num_sink, eager=method == "eager")
         before = peak_rss_mb(reset=True)
         fns[method]()
     print(json.dumps({"rss_growth_mb": peak_rss_mb() - before}))
 
 
-def bench_seq(seq, dtype, device, reps, num_sink, memory):
-    fns, sdpa_backend = method_fns(seq, dtype, device, num_sink)
+def bench_seq(seq, dtype, device, reps, num_sink, memory, eager_max_seq):
+    fns, sdpa_backend = method_fns(seq, dtype, device, num_sink, eager=eager_max_seq is None or seq <= eager_max_seq)
     backend = _backend.select("attention_with_sink", device.type)
     flops = 4.0 * HEADS * seq * seq * HEAD_DIM / 2  # causal: half of QK^T and PV
     times, mem, notes = {}, {}, {}
     with torch.no_grad():
+        if device.type == "cpu":
+            times = time_interleaved(fns, device, reps=reps)
+            if memory:
+                mem = {m: cpu_peak_rss_growth(m, seq, dtype, num_sink) for m in fns}
         for m, fn in fns.items():
+            if device.type == "cpu":
+                break
             try:
-                times[m] = time_fn(fn, device, reps=reps, warmup=1 if device.type == "cpu" else 5)
-                if device.type == "cuda":
-                    mem[m] = peak_memory_mb(fn, device)
-                elif memory:
-                    mem[m] = cpu_peak_rss_growth(m, seq, dtype, num_sink)
+                times[m] = time_fn(fn, device, reps=reps, warmup=5)
+                mem[m] = peak_memory_mb(fn, device)
             except RuntimeError as e:
                 if not is_oom(e):
                     raise
                 notes[m] = "OOM"
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                torch.cuda.empty_cache()
 
         agree = None
         if "eager" in times:
             ours, want = fns["ours"](), fns["eager"]()
+            # eager rounds the scores to bf16/fp16 before its fp32 softmax; ours keeps them fp32
+            sink_tol = dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=1e-2)
             agree = bool(
-                torch.allclose(ours.sink_mass, want[1], rtol=1e-3, atol=1e-4)
+                torch.allclose(ours.sink_mass, want[1], **sink_tol)
                 and torch.allclose(ours.o.float(), want[0].float(), rtol=3e-2, atol=3e-2)
             )
     rows = []
@@ -158,6 +165,7 @@ def bench_seq(seq, dtype, device, reps, num_sink, memory):
         rows.append(
             {
                 "T": seq,
+                "dtype": str(dtype).replace("torch.", ""),
                 "method": m,
                 "backend": backend if m.startswith("ours") else (sdpa_backend if m == "sdpa" else "torch"),
                 "ms": t,
@@ -168,9 +176,10 @@ def bench_seq(seq, dtype, device, reps, num_sink, memory):
         )
     summary = {
         "T": seq,
+        "dtype": str(dtype).replace("torch.", ""),
         "ours_vs_sdpa": times["ours"] / times["sdpa"],
         "sink_overhead": times["ours"] / times["ours_nosink"] - 1.0 if "ours_nosink" in times else None,
-        "speedup_vs_eager": times["eager"] / times["ours"] if "eager" in times else "eager OOM",
+        "speedup_vs_eager": times["eager"] / times["ours"] if "eager" in times else notes.get("eager", "not run"),
         "agrees_with_eager": agree,
     }
     return rows, summary
@@ -180,12 +189,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--seq-lens", type=int, nargs="*", default=None,
-        help="T (= Tk); default 2048 8192 32768 on CUDA, 512 1024 2048 on CPU",
+        help="T (= Tk); default 2048 8192 32768 on CUDA, 512 2048 8192 on CPU",
     )
     p.add_argument(
-        "--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-        help="default bfloat16 on CUDA, float32 on CPU",
+        "--dtype", nargs="+", default=None, choices=["float32", "float16", "bfloat16"],
+        help="one or more; default bfloat16 on CUDA, bfloat16 float32 on CPU",
     )
+    p.add_argument("--eager-max-seq", type=int, default=None,
+                   help="run eager only up to this T (default: 2048 on CPU, every T on CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-sink", type=int, default=1)
     p.add_argument("--reps", type=int, default=None)
@@ -200,21 +211,24 @@ def main(argv=None):
 
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
-    seq_lens = args.seq_lens or ([2048, 8192, 32768] if on_cuda else [512, 1024, 2048])
-    dtype = getattr(torch, args.dtype or ("bfloat16" if on_cuda else "float32"))
+    seq_lens = args.seq_lens or ([2048, 8192, 32768] if on_cuda else [512, 2048, 8192])
+    dtypes = args.dtype or (["bfloat16"] if on_cuda else ["bfloat16", "float32"])
+    eager_max_seq = args.eager_max_seq or (None if on_cuda else 2048)
     reps = args.reps or (20 if on_cuda else 3)
     all_rows, summaries = [], []
     for seq in seq_lens:
-        rows, summary = bench_seq(seq, dtype, device, reps, args.num_sink, not args.no_memory)
-        all_rows += rows
-        summaries.append(summary)
-        print_table(rows, ["T", "method", "backend", "ms", "TFLOP/s", "vs_sdpa", "peak_MB"])
-        print()
+        for dtype_name in dtypes:
+            rows, summary = bench_seq(seq, getattr(torch, dtype_name), device, reps, args.num_sink, not args.no_memory,
+                                      eager_max_seq)
+            all_rows += rows
+            summaries.append(summary)
+            print_table(rows, ["T", "dtype", "method", "backend", "ms", "TFLOP/s", "vs_sdpa", "peak_MB"])
+            print()
     print_table(summaries, list(summaries[0]))
     write_json(
         "sink_attention",
         {
-            "dtype": str(dtype).replace("torch.", ""),
+            "dtypes": dtypes,
             "heads": [HEADS, KV_HEADS, HEAD_DIM],
             "num_sink_tokens": args.num_sink,
             "reps": reps,

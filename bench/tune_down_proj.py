@@ -1,9 +1,10 @@
 """Tune the Triton down_proj kernel's tiles for one MoE shape on this GPU; write them as data.
 
 For each token count, every candidate tile config runs the kernel (statistics on) on rows
-routed top-k at random, and the fastest is kept. The result is written to
-``superexperts_kernels/_triton/configs/E=..,H=..,I=..,dtype=..,device_name=...json``
-(``{total rows: config}``), which `get_config` then uses on GPUs of the same name.
+routed top-k at random, and the fastest is kept. The table (``{total rows: config}``) is
+merged into ``superexperts_kernels/_triton/configs/<device name>.json`` under the shape's
+key, which `get_config` prefers to the family file (``H100.json``, seeded from public
+tuned values) on GPUs of that name.
 
     python -m bench.tune_down_proj --experts 128 --hidden 2048 --inter 768 --top-k 8      # Qwen3-30B-A3B
     python -m bench.tune_down_proj --experts 256 --hidden 7168 --inter 2048 --top-k 8     # DeepSeek-V3/R1
@@ -17,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+import triton
 
 from ._common import time_fn
 from .bench_down_proj import routed_inputs
@@ -24,12 +26,17 @@ from .bench_down_proj import routed_inputs
 
 def candidates(dtype: torch.dtype) -> list[dict]:
     out = []
-    for bm, bn, bk, warps, stages in itertools.product((16, 32, 64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (3, 4, 5)):
+    grid = itertools.product((16, 32, 64, 128), (64, 128, 256), (32, 64, 128), (1, 8), (4, 8), (3, 4, 5))
+    for bm, bn, bk, group, warps, stages in grid:
         if dtype == torch.float32 and (bk > 64 or bn > 128):
             continue  # fp32 tiles of that size do not fit shared memory with 3+ stages
-        if bm * bn > 128 * 128 or (bm <= 32 and warps == 8):
+        if bm * bn > 128 * 256 or (bm * bn >= 128 * 256 and warps == 4) or (group > 1 and bm < 64):
             continue
-        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages})
+        elem = dtype.itemsize
+        if stages * (bm + bn) * bk * elem > 227 * 1024:
+            continue  # over the shared memory of an H100 CTA
+        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps,
+                    "num_stages": stages})
     return out
 
 
@@ -66,11 +73,16 @@ def main(argv=None):
         best[x.shape[0]] = cfg
         print(f"tokens {tokens:>6} rows {x.shape[0]:>7}: {ms:.3f} ms with {cfg}")
 
-    name = tk.config_file_name(args.experts, args.hidden, args.inter, dtype, torch.cuda.get_device_name(device))
-    path = Path(args.out) if args.out else tk._CONFIG_DIR / name
+    device_name = torch.cuda.get_device_name(device)
+    path = Path(args.out) if args.out else tk._CONFIG_DIR / tk.device_file_name(device_name)
+    data = json.loads(path.read_text()) if path.is_file() else {"device_names": [device_name], "source": {}, "shapes": {}}
+    key = tk.shape_key(args.experts, args.hidden, args.inter, dtype)
+    data["shapes"][key] = {str(rows): cfg for rows, cfg in sorted(best.items())}
+    data["source"][key] = f"bench/tune_down_proj.py on {device_name}, top-{args.top_k}, triton {triton.__version__}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({str(rows): cfg for rows, cfg in sorted(best.items())}, indent=2))
-    print(f"wrote {path}")
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    tk.load_device_configs.cache_clear()
+    print(f"wrote {key} to {path}")
 
 
 if __name__ == "__main__":

@@ -11,29 +11,27 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "checks.h"
+#include "cpu_isa.h"
 
 namespace superexperts {
 namespace {
 
 constexpr const char* kOp = "superexperts::attention_with_sink_native";
 constexpr int64_t kMaxHeadDim = 256;
-// Queries per item, and keys per block: at group 8 and D = 128 the [256, 128] query block,
-// scores and output accumulator take 128 KiB each and stay in L2.
+// Queries per item, and keys per block: at group 8 and D = 128 the [256, 128] query block and
+// output accumulator take 128 KiB each and the [256, 256] scores 256 KiB, in L2.
 constexpr int64_t kQueryBlock = 32;
-constexpr int64_t kKeyBlock = 128;
+constexpr int64_t kKeyBlock = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-using Vec = at::vec::Vectorized<float>;
 
 struct Problem {
   at::Tensor q;               // [B, Hq, T, D], any strides
@@ -59,38 +57,17 @@ struct Workspace {
         m(rows), l(rows), sink(rows) {}
 };
 
-float row_max(const float* x, int64_t n) {
-  if (n <= 0) return kNegInf;
-  return at::vec::reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, x, n);
-}
-
-// x[j] = exp(x[j] - m) for j < n; returns the sum.
-float exp_sum(float* x, int64_t n, float m) {
-  const Vec vm(m);
-  Vec acc(0.f);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec e = (Vec::loadu(x + j) - vm).exp_u20();
-    e.store(x + j);
-    acc = acc + e;
-  }
-  if (j < n) {
-    const int64_t rest = n - j;
-    // loadu fills the lanes past `rest` with zeros: mask their exp(-m) out of the sum.
-    const Vec e = Vec::set(Vec(0.f), (Vec::loadu(x + j, rest) - vm).exp_u20(), rest);
-    e.store(x + j, rest);
-    acc = acc + e;
-  }
-  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, acc);
-}
-
-void scale_row(float* x, int64_t n, float alpha) {
-  at::vec::map([alpha](const Vec& a) { return a * Vec(alpha); }, x, x, n);
-}
+// NaN above every number: a NaN score (from a NaN in q, in a visible key, in `scale` or in a
+// sink logit) makes the row's running max NaN, and from there its output and sink mass, as
+// softmax gives NaN for a row holding one.
+inline float nan_max(float a, float b) { return std::isnan(a) || std::isnan(b) ? NAN : std::max(a, b); }
 
 // One item: batch `b`, kv head `hk`, queries [i0, i0 + nq) of the `group` heads reading `hk`.
+
 template <typename scalar_t>
 void attend_block(const Problem& pb, Workspace& ws, int64_t b, int64_t hk, int64_t i0) {
+  const cpu::Kernels& vk = cpu::kernels();
+  const auto& tk = vk.of<scalar_t>();
   const int64_t nq = std::min(kQueryBlock, pb.seq_q - i0), rows = pb.group * nq, d = pb.head_dim;
   const int64_t pos0 = pb.seq_k - pb.seq_q + i0;  // absolute position of query i0
 
@@ -100,7 +77,11 @@ void attend_block(const Problem& pb, Workspace& ws, int64_t b, int64_t hk, int64
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t h = hk * pb.group + r / nq, i = i0 + r % nq;
     const scalar_t* src = q + b * qs[0] + h * qs[1] + i * qs[2];
-    for (int64_t c = 0; c < d; ++c) qb[r * d + c] = static_cast<float>(src[c * qs[3]]) * pb.scale;
+    if (qs[3] == 1) {
+      tk.to_float(src, pb.scale, qb + r * d, d);
+    } else {
+      for (int64_t c = 0; c < d; ++c) qb[r * d + c] = static_cast<float>(src[c * qs[3]]) * pb.scale;
+    }
     // A learned sink logit joins the softmax as a key with no value: exp(logit - m) in l.
     ws.m[r] = pb.sink_logits ? pb.sink_logits[h] : kNegInf;
     ws.l[r] = pb.sink_logits ? 1.f : 0.f;
@@ -130,7 +111,7 @@ void attend_block(const Problem& pb, Workspace& ws, int64_t b, int64_t hk, int64
       if (mask) {
         for (int64_t j = lo; j < hi; ++j) s[j] = mask[j0 + j] ? s[j] : kNegInf;
       }
-      const float m_new = std::max(ws.m[r], row_max(s + lo, hi - lo));
+      const float m_new = nan_max(ws.m[r], vk.max(s + lo, hi - lo));
       std::fill(s, s + lo, 0.f);
       std::fill(s + hi, s + nk, 0.f);
       if (m_new == kNegInf) {  // nothing visible so far: this row adds nothing to O
@@ -138,12 +119,12 @@ void attend_block(const Problem& pb, Workspace& ws, int64_t b, int64_t hk, int64
         continue;
       }
       const float alpha = std::exp(ws.m[r] - m_new);
-      const float sum = exp_sum(s + lo, hi - lo, m_new);
+      const float sum = vk.exp_sum(s + lo, hi - lo, m_new);
       float sink = 0.f;
       for (int64_t j = lo; j < std::min(hi, pb.num_sink - j0); ++j) sink += s[j];
       ws.l[r] = ws.l[r] * alpha + sum;
       ws.sink[r] = ws.sink[r] * alpha + sink;
-      if (alpha != 1.f) scale_row(ob + r * d, d, alpha);
+      if (alpha != 1.f) vk.scale(ob + r * d, d, alpha);
       ws.m[r] = m_new;
     }
     o_rows.addmm_(scores, v.narrow(0, j0, nk));
@@ -153,9 +134,9 @@ void attend_block(const Problem& pb, Workspace& ws, int64_t b, int64_t hk, int64
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t h = hk * pb.group + r / nq, i = i0 + r % nq;
     const int64_t head = b * pb.group * pb.kv_heads + h;  // flat (b, h)
-    const float inv = ws.l[r] > 0.f ? 1.f / ws.l[r] : 0.f;
-    scalar_t* dst = o + (head * pb.seq_q + i) * d;
-    for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(ob[r * d + c] * inv);
+    // l = 0: the row saw no key (o = 0, mass 0); l NaN: a NaN reached the row (o and mass NaN).
+    const float inv = ws.l[r] > 0.f || std::isnan(ws.l[r]) ? 1.f / ws.l[r] : 0.f;
+    tk.from_float(ob + r * d, inv, o + (head * pb.seq_q + i) * d, d);
     pb.sink_mass[head * pb.seq_q + i] = ws.sink[r] * inv;
   }
 }
@@ -232,22 +213,22 @@ std::tuple<at::Tensor, at::Tensor> attention_with_sink_cpu(const at::Tensor& q, 
                    kv_heads,
                    q_blocks};
 
-  // Items in (b, kv head, query block) order, dealt out round-robin: with causal masking the
-  // later query blocks cost more, and round-robin gives each worker a share of every cost.
-  const int64_t items = batch * kv_heads * q_blocks;
+  // Workers take items from a shared counter, the later query blocks first: under causal
+  // masking they cost the most, so the cheap ones at the end even out the workers' loads,
+  // including when another process holds a core.
+  const int64_t heads_total = batch * kv_heads, items = heads_total * q_blocks;
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
+  std::atomic<int64_t> next{0};
   // Workers start with default thread-local state; give them the caller's (below autograd).
   const at::ThreadLocalState caller_state;
-  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const at::ThreadLocalStateGuard state_guard(caller_state);
     Workspace ws(group * kQueryBlock, head_dim);
-    for (int64_t w = w0; w < w1; ++w) {
-      for (int64_t item = w; item < items; item += workers) {
-        const int64_t qb = item % q_blocks, bh = item / q_blocks;
-        SUPEREXPERTS_DISPATCH_FLOAT(q.scalar_type(), "attention_with_sink_native", [&] {
-          attend_block<scalar_t>(pb, ws, bh / kv_heads, bh % kv_heads, qb * kQueryBlock);
-        });
-      }
+    for (int64_t item = next++; item < items; item = next++) {
+      const int64_t qb = q_blocks - 1 - item / heads_total, bh = item % heads_total;
+      SUPEREXPERTS_DISPATCH_FLOAT(q.scalar_type(), "attention_with_sink_native", [&] {
+        attend_block<scalar_t>(pb, ws, bh / kv_heads, bh % kv_heads, qb * kQueryBlock);
+      });
     }
   });
   return {o, sink_mass};

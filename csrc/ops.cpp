@@ -12,6 +12,10 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu_isa.h"
+
 TORCH_LIBRARY_FRAGMENT(superexperts, m) {
   m.def(
       "moe_down_proj_profile_native(Tensor x, Tensor w_down, Tensor offsets, Tensor? bias=None, "
@@ -36,21 +40,55 @@ constexpr long kWithCuda = 1;
 constexpr long kWithCuda = 0;
 #endif
 
-#ifdef CPU_CAPABILITY_AVX2
-constexpr const char* kCpuCapability = "avx2";
-#else
-constexpr const char* kCpuCapability = "default";
-#endif
+// CPU_CAPABILITY: the instruction set of the vector loops chosen on this CPU at import
+// ("default", "avx2" or "avx512"; cpu_isa.h). cpu_gemm_dtype(dtype): the dtype the CPU down
+// projection's GEMMs run in for inputs of `dtype` (a torch dtype name, e.g. "bfloat16").
+// set_cpu_gemm_policy(policy): "auto", "float32" or "input" (cpu_isa.h set_gemm_policy), for
+// tests and benchmarks; returns the previous policy.
+static PyObject* cpu_gemm_dtype(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  const std::string dtype = name;
+  const c10::ScalarType type = dtype == "float32" ? c10::kFloat
+                               : dtype == "bfloat16" ? c10::kBFloat16
+                               : dtype == "float16" ? c10::kHalf
+                                                    : c10::ScalarType::Undefined;
+  if (type == c10::ScalarType::Undefined) {
+    PyErr_Format(PyExc_ValueError, "cpu_gemm_dtype: expected 'float32', 'bfloat16' or 'float16', got '%s'", name);
+    return nullptr;
+  }
+  const c10::ScalarType gemm = superexperts::cpu::gemm_dtype(type);
+  return PyUnicode_FromString(gemm == c10::kFloat ? "float32" : dtype.c_str());
+}
+
+static PyObject* set_cpu_gemm_policy(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  const std::string previous = superexperts::cpu::gemm_policy();
+  try {
+    superexperts::cpu::set_gemm_policy(name);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  return PyUnicode_FromString(previous.c_str());
+}
+
+static PyMethodDef native_methods[] = {
+    {"cpu_gemm_dtype", cpu_gemm_dtype, METH_O, "The dtype the CPU down projection's GEMMs run in for a dtype name."},
+    {"set_cpu_gemm_policy", set_cpu_gemm_policy, METH_O,
+     "Set the CPU GEMM policy ('auto', 'float32' or 'input'); returns the previous one."},
+    {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "_native",
                                     "Native kernels of superexperts_kernels (torch.ops.superexperts.*_native).",
-                                    -1, nullptr};
+                                    -1, native_methods};
 
 PyMODINIT_FUNC PyInit__native() {
   PyObject* module = PyModule_Create(&native_module);
   if (module == nullptr) return nullptr;
   if (PyModule_AddIntConstant(module, "WITH_CUDA", kWithCuda) < 0 ||
-      PyModule_AddStringConstant(module, "CPU_CAPABILITY", kCpuCapability) < 0) {
+      PyModule_AddStringConstant(module, "CPU_CAPABILITY", superexperts::cpu::kernels().name) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -25,7 +25,7 @@ IMPLEMENTATIONS = OpTable(
     OP,
     defaults={"softcap": None, "attn_mask": None},
     reference=Impl("superexperts_kernels.reference.attention:attention_with_sink_reference", options=("softcap", "attn_mask")),
-    triton=Impl("superexperts_kernels._triton.attention:attention_with_sink_triton"),
+    triton=Impl("superexperts_kernels._triton.attention:attention_with_sink_triton", options=("softcap",)),
     native=Impl("torch:ops.superexperts.attention_with_sink_native", native.DEVICE_TYPES[OP]),
 )
 

@@ -32,12 +32,15 @@ DEVICE_TYPES: dict[str, tuple[str, ...]] = {
 
 def info() -> dict:
     """What the native extension holds: ``built`` (bool), ``cuda`` (built with CUDA kernels),
-    ``cpu_capability`` ("avx2" or "default"), ``device_types`` per op, and ``error`` (why the
-    extension did not load, or None)."""
+    ``cpu_capability`` (the instruction set of the CPU kernels' vector loops, chosen at run
+    time for this CPU: "default", "avx2" or "avx512"), ``cpu_gemm_dtype`` (per input dtype, the
+    dtype the CPU down projection's GEMMs run in on this CPU), ``device_types`` per op, and
+    ``error`` (why the extension did not load, or None)."""
     return {
         "built": BUILT,
         "cuda": WITH_CUDA,
         "cpu_capability": _native.CPU_CAPABILITY if BUILT else None,
+        "cpu_gemm_dtype": {d: _native.cpu_gemm_dtype(d) for d in ("float32", "bfloat16", "float16")} if BUILT else None,
         "device_types": {op: list(devices) for op, devices in DEVICE_TYPES.items()},
         "error": _IMPORT_ERROR,
     }

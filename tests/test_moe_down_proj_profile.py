@@ -1,7 +1,6 @@
 """moe_down_proj_profile: every backend against the pure-torch reference."""
 
 import importlib
-import json
 
 import pytest
 import torch
@@ -142,26 +141,6 @@ def test_empty_input(backend):
     assert out.y.shape == (0, 8)
     assert torch.equal(out.out_argmax.cpu(), torch.full((3, 2), -1))
     assert torch.all(out.out_absmax == 0) and torch.all(out.rows == 0)
-
-
-@requires_triton
-def test_triton_row_chunks_merge_like_one_pass(monkeypatch):
-    """Calls too large for one packed key are split into row chunks; the merge is exact."""
-    from superexperts_kernels._triton import down_proj as tk
-
-    counts, hidden, inter = [5, 0, 23, 1, 9], 16, 24
-    x, w, offsets, _ = make_inputs(counts, hidden, inter, 4, torch.float32, KERNEL_DEVICE)
-    whole = run("triton", KERNEL_DEVICE, x, w, offsets, channel_stats=True)
-    monkeypatch.setattr(tk, "MAX_FLAT_INDEX", 7 * hidden + 3)  # 7-row chunks
-    chunked = run("triton", KERNEL_DEVICE, x, w, offsets, channel_stats=True)
-    # Tiles start at other rows, so y may differ in the last bit; the stats must be
-    # exactly those of the chunked y.
-    torch.testing.assert_close(chunked.y, whole.y, rtol=1e-5, atol=1e-5)
-    absmax, argmax, in_absmax, channel = stats_of(chunked.y, x, offsets, hidden)
-    assert torch.equal(chunked.out_absmax.cpu(), absmax)
-    assert torch.equal(chunked.out_argmax.cpu(), argmax)
-    assert torch.equal(chunked.in_absmax.cpu(), in_absmax)
-    assert torch.equal(chunked.channel_absmax.cpu(), channel)
 
 
 @requires_triton
@@ -313,21 +292,3 @@ def test_offsets_values_are_checked_unless_the_caller_opts_out(monkeypatch):
     assert reads == []
     sk.moe_down_proj_profile(x, w, good)
     assert len(reads) == 1
-
-
-@requires_triton
-def test_tuned_configs_are_data(tmp_path, monkeypatch):
-    """A tuned file for the GPU and shape wins (nearest row count); without one, the heuristic."""
-    from superexperts_kernels._triton import down_proj as tk
-
-    monkeypatch.setattr(tk, "_CONFIG_DIR", tmp_path)
-    tk._load_config_file.cache_clear()
-    small = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-    large = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
-    name = tk.config_file_name(128, 2048, 768, torch.bfloat16, "NVIDIA H100 80GB HBM3")
-    (tmp_path / name).write_text(json.dumps({"8": small, "32768": large}))
-    assert tk.config_for_device("NVIDIA H100 80GB HBM3", 100, 128, 2048, 768, torch.bfloat16) == small
-    assert tk.config_for_device("NVIDIA H100 80GB HBM3", 20000, 128, 2048, 768, torch.bfloat16) == large
-    heuristic = tk.config_for_device("NVIDIA A100-SXM4-80GB", 20000, 128, 2048, 768, torch.bfloat16)
-    assert heuristic == tk._default_cuda_config(20000 / 128, torch.bfloat16)
-    tk._load_config_file.cache_clear()

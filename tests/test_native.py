@@ -9,6 +9,13 @@ the extension is not built.
 
 import dataclasses
 import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import test_attention_with_sink as attn_tests
@@ -33,6 +40,17 @@ DTYPES = dp_tests.DTYPES
 dtype_id = dict(ids=lambda d: str(d).replace("torch.", ""))
 
 
+@pytest.fixture(params=["float32", "input"])
+def gemm_policy(request):
+    """The CPU down projection's GEMMs on fp32 upcast blocks ("float32"), or in the input
+    dtype ("input": torch's bf16/fp16 GEMM writing y, the path of CPUs with bf16/fp16
+    instructions). fp32 inputs take the same path under both."""
+    previous = native._native.set_cpu_gemm_policy(request.param)
+    assert native._native.cpu_gemm_dtype("bfloat16") == ("bfloat16" if request.param == "input" else "float32")
+    yield request.param
+    native._native.set_cpu_gemm_policy(previous)
+
+
 @pytest.fixture
 def threads(request):
     """Run the test with `request.param` ATen threads (the native kernels split work by them)."""
@@ -43,7 +61,9 @@ def threads(request):
 
 
 def test_info_and_default_backend():
-    assert INFO["cpu_capability"] in ("avx2", "default")
+    assert INFO["cpu_capability"] in ("default", "avx2", "avx512")
+    assert INFO["cpu_gemm_dtype"]["float32"] == "float32"
+    assert {INFO["cpu_gemm_dtype"]["bfloat16"], INFO["cpu_gemm_dtype"]["float16"]} <= {"float32", "bfloat16", "float16"}
     assert INFO["device_types"] == {DP: ["cpu", "cuda"] if INFO["cuda"] else ["cpu"], ATTN: ["cpu"]}
     table = sk.backends()
     assert table[DP]["cpu"] == table[ATTN]["cpu"] == "native"
@@ -52,11 +72,13 @@ def test_info_and_default_backend():
 # --------------------------------------------------------------------------- moe_down_proj_profile
 
 # (name, rows per expert, H, I, tail): more than one 256-channel block and 128-row block, and
-# one expert holding every row (split between threads).
+# one expert holding every row (split between threads); "wide_blocks" has several channel
+# blocks on every GEMM path (256 channels upcast, 512 fp32, 1024 bf16/fp16 at 128 rows).
 NATIVE_CASES = [
     ("blocks_ragged", [0, 70, 130, 1, 0], 300, 100, 5),
     ("one_expert_many_rows", [203], 260, 40, 0),
     ("experts_of_one_row", [1] * 9, 129, 33, 2),
+    ("wide_blocks", [0, 131, 3, 1], 1100, 16, 1),
 ]
 
 
@@ -81,10 +103,10 @@ def check_dp(out, x, offsets, counts, tail, hidden, ref, dtype):
     torch.testing.assert_close(out.out_absmax.cpu(), ref[1], rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("threads", [1, 3], indirect=True)
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, **dtype_id)
 @pytest.mark.parametrize("case", dp_tests.CASES + NATIVE_CASES, ids=lambda c: c[0])
-def test_down_proj_matches_reference(case, dtype, threads):
+def test_down_proj_matches_reference(case, dtype, threads, gemm_policy):
     _, counts, hidden, inter, tail = case
     x, w, offsets, _ = dp_tests.make_inputs(counts, hidden, inter, tail, dtype, "cpu")
     out = run_dp("cpu", x, w, offsets, channel_stats=True)
@@ -93,7 +115,7 @@ def test_down_proj_matches_reference(case, dtype, threads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, **dtype_id)
-def test_down_proj_bias_transposed_row_token(dtype):
+def test_down_proj_bias_transposed_row_token(dtype, gemm_policy):
     counts, hidden, inter, tail = [2, 0, 79, 1, 6], 140, 40, 2
     x, w_t, offsets, bias = dp_tests.make_inputs(counts, hidden, inter, tail, dtype, "cpu", bias=True, transposed=True)
     row_token = torch.randperm(x.shape[0])
@@ -113,7 +135,7 @@ def test_down_proj_bias_transposed_row_token(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, **dtype_id)
-def test_down_proj_without_stats_writes_same_y(dtype):
+def test_down_proj_without_stats_writes_same_y(dtype, gemm_policy):
     x, w, offsets, bias = dp_tests.make_inputs([3, 0, 70, 1], 150, 40, 1, dtype, "cpu", bias=True)
     with_stats = torch.ops.superexperts.moe_down_proj_profile_native(x, w, offsets, bias, None, False, True)
     no_stats = torch.ops.superexperts.moe_down_proj_profile_native(x, w, offsets, bias, None, False, True, with_stats=False)
@@ -129,8 +151,8 @@ def identity_layer(num_rows, hidden, dtype):
     return x, w, torch.tensor([num_rows], dtype=torch.int32)
 
 
-@pytest.mark.parametrize("threads", [1, 3], indirect=True)
-def test_down_proj_ties_pick_first_in_row_major_order(threads):
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+def test_down_proj_ties_pick_first_in_row_major_order(threads, gemm_policy):
     """Equal maxima in other column blocks and other threads' pieces: the first row wins,
     then the first channel, whichever block or piece is reduced first."""
     x, w, offsets = identity_layer(12, 600, torch.bfloat16)
@@ -144,18 +166,27 @@ def test_down_proj_ties_pick_first_in_row_major_order(threads):
     assert ones.out_argmax.tolist() == [[0, 0], [3, 0]] and ones.out_absmax.tolist() == [2.0, 2.0]
 
 
-def test_down_proj_nan_shows_in_stats():
-    """A NaN in y is the max (as torch.max has it), located at its first occurrence."""
-    x, w, offsets = identity_layer(6, 20, torch.float32)
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, **dtype_id)
+def test_down_proj_nan_shows_in_stats(dtype, threads, gemm_policy):
+    """A NaN in y is the max (as torch.max has it), located at its first occurrence; the other
+    expert's stats stay those of its finite rows."""
+    x, w, _ = identity_layer(140, 600, dtype)
+    w, offsets = w.expand(2, -1, -1), torch.tensor([9, 140], dtype=torch.int32)
     x[:, 3] = 1.0
-    x[4, 7] = float("nan")  # y[4, :] is all NaN: NaN * 0 in every dot product
+    x[5, 300] = 7.0
+    x[133, 530] = float("nan")  # y[133, :] is all NaN: NaN * 0 in every dot product
+    x[135, 10] = float("nan")
     out = run_dp("cpu", x, w, offsets, channel_stats=True)
-    assert out.out_absmax.isnan().all() and out.in_absmax.isnan().all()
-    assert out.out_argmax.tolist() == [[4, 0]]
-    assert out.channel_absmax.isnan().all()
+    assert out.out_absmax.tolist()[0] == 7.0 and out.out_argmax.tolist()[0] == [5, 300]
+    assert out.in_absmax.tolist()[0] == 7.0
+    assert out.out_absmax[1].isnan() and out.in_absmax[1].isnan()
+    assert out.out_argmax.tolist()[1] == [133, 0]
+    assert out.channel_absmax[1].isnan().all() and not out.channel_absmax[0].isnan().any()
+    assert torch.equal(out.rows, torch.tensor([9, 131]))
 
 
-def test_down_proj_empty_and_unrouted():
+def test_down_proj_empty_and_unrouted(gemm_policy):
     x, w, offsets, _ = dp_tests.make_inputs([0, 0, 0], 8, 8, 0, torch.float32, "cpu")
     out = run_dp("cpu", x, w, offsets, channel_stats=True)
     assert out.y.shape == (0, 8) and torch.equal(out.out_argmax, torch.full((3, 2), -1))
@@ -356,6 +387,125 @@ def test_attention_public_op_validates_before_dispatch():
         for name, exc, override in cases:
             with pytest.raises(exc, match=f"^superexperts.attention_with_sink: `{name}`"):
                 sk.attention_with_sink(**{**good, **override})
+
+
+NAN_PLACES = ["q_row", "sink_key", "later_key", "masked_key", "scale", "sink_logit"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, **dtype_id)
+@pytest.mark.parametrize("where", NAN_PLACES)
+def test_attention_nan_in_gives_nan_out(where, dtype):
+    """A NaN in q, in a key a query sees, in `scale` or in a learned sink logit makes that
+    query's output and sink mass NaN, as softmax does (issue 9); the other queries, and a NaN
+    key that the padding mask hides, change nothing."""
+    case = Case("nan", 2, (4, 2), 40, 40, 16, dtype, padding="random", sink_logits=where == "sink_logit")
+    q, k, v, mask, logits = make_attn_inputs(case)
+    mask[:, 0] = True
+    scale = 0.25
+    if where == "q_row":
+        q[1, 2, 7, 3] = float("nan")
+    elif where == "sink_key":
+        k[0, 1, 0, 5] = float("nan")
+    elif where in ("later_key", "masked_key"):
+        k[1, 0, 20, 0] = float("nan")
+        mask[1, 20] = where == "later_key"
+    elif where == "scale":
+        scale = float("nan")
+    else:
+        logits[3] = float("nan")
+    out = run_attn(case, q, k, v, mask, logits, scale)
+
+    # The queries whose softmax row holds a NaN: a NaN score on a visible key, or a NaN logit.
+    scores = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2) * scale
+    visible = torch.ones(40, 40, dtype=torch.bool).tril() & mask[:, None, None, :]
+    nan_rows = (scores.isnan() & visible).any(-1)
+    if logits is not None:
+        nan_rows |= logits.isnan()[None, :, None]
+    assert bool(nan_rows.any()) == (where != "masked_key")
+    assert torch.equal(out.sink_mass.isnan(), nan_rows)
+    assert torch.equal(out.o.isnan().any(-1), nan_rows) and torch.equal(out.o.isnan().all(-1), nan_rows)
+    want_o, want_sink, _ = attn_tests.oracle(q, k, v, 0.25, True, 1, None, mask, logits)
+    rtol, atol = attn_tests.TOL_O[dtype]
+    finite = ~nan_rows
+    if where != "scale":
+        torch.testing.assert_close(out.o[finite].double(), want_o[finite], rtol=rtol, atol=atol)
+        torch.testing.assert_close(out.sink_mass[finite].double(), want_sink[finite], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- instruction sets
+
+
+def test_cpu_capability_is_chosen_at_run_time_like_atens():
+    """The vector loops run the instruction set ATen uses on this CPU (ATen's AVX2 or AVX512
+    kernels: ours built for the same; anything else: the baseline copy)."""
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        pytest.skip("the per-instruction-set copies are built for x86-64 Linux (GCC)")
+    expected = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "default")
+    assert INFO["cpu_capability"] == expected
+
+
+def test_only_the_instruction_set_files_use_wide_vector_registers():
+    """No -m flag in the build: code that uses AVX registers is only the per-instruction-set
+    copies of the loops (csrc/cpu_isa_*.cpp) and the fused MoE op's AVX2 micro-kernel
+    (csrc/fused_moe_cpu.cpp), both reached through the choice made at run time, never a
+    function that any other code links to."""
+    objdump = shutil.which("objdump")
+    if objdump is None or sys.platform != "linux" or os.uname().machine != "x86_64":
+        pytest.skip("needs objdump and an x86-64 Linux build")
+    text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", native._native.__file__],
+                          capture_output=True, text=True, check=True).stdout
+    wide, function = set(), None
+    for line in text.splitlines():
+        label = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if label:
+            function = label.group(1)
+        elif function and ("%ymm" in line or "%zmm" in line):
+            wide.add(function)
+    isa_only = re.compile(
+        r"superexperts::cpu::\(anonymous namespace\)|superexperts::\(anonymous namespace\)::micro_kernel_avx2<"
+        r"|at::vec::AVX2::|at::vec::AVX512::"
+    )
+    assert wide, "no AVX code at all: the per-instruction-set files were built without their target"
+    assert [f for f in wide if not isa_only.search(f)] == []
+
+
+LOWER_ISA_SCRIPT = """
+import json, sys, torch
+import superexperts_kernels as sk
+from superexperts_kernels import native
+sys.path.insert(0, {tests!r})
+import test_moe_down_proj_profile as dp_tests
+out = {{"capability": native.info()["cpu_capability"], "down_proj": [], "attention": []}}
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    x, w, offsets, bias = dp_tests.make_inputs([0, 70, 130, 1], 300, 100, 5, dtype, "cpu", bias=True)
+    res = torch.ops.superexperts.moe_down_proj_profile_native(x, w, offsets, bias, None, False, True, True)
+    brute = dp_tests.stats_of(res[0], x, offsets, 300)
+    out["down_proj"].append([res[0].float().tolist(), [t.tolist() for t in res[1:4] + res[5:]], [t.tolist() for t in brute]])
+    q, k, v = (torch.randn(1, h, 70, 32, generator=torch.Generator().manual_seed(h)).to(dtype) for h in (4, 2, 2))
+    o, mass = torch.ops.superexperts.attention_with_sink_native(q, k, v, 0.2, True, 2)
+    out["attention"].append([o.float().tolist(), mass.tolist()])
+print(json.dumps(out))
+"""
+
+
+def test_baseline_instruction_set_gives_the_same_results():
+    """ATEN_CPU_CAPABILITY=default lowers ATen and our loops to the baseline copy: the stats are
+    exactly those of the y it writes, and y and attention agree with this process's to float
+    rounding (torch's GEMMs and our exp differ in the last bits between instruction sets)."""
+    tests_dir = str(Path(__file__).parent)
+    script = LOWER_ISA_SCRIPT.format(tests=tests_dir)
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    lowered = json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                        check=True).stdout.splitlines()[-1])
+    here = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                     check=True).stdout.splitlines()[-1])
+    assert lowered["capability"] == "default" and here["capability"] == INFO["cpu_capability"]
+    for (y_low, stats_low, brute_low), (y_here, _, _) in zip(lowered["down_proj"], here["down_proj"]):
+        assert stats_low == brute_low
+        torch.testing.assert_close(torch.tensor(y_low), torch.tensor(y_here), rtol=1e-2, atol=1e-2)
+    for (o_low, mass_low), (o_here, mass_here) in zip(lowered["attention"], here["attention"]):
+        torch.testing.assert_close(torch.tensor(o_low), torch.tensor(o_here), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(torch.tensor(mass_low), torch.tensor(mass_here), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("threads", [2], indirect=True)

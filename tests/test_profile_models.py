@@ -3,7 +3,7 @@
 import pytest
 import torch
 import transformers
-from tiny_models import FAMILIES, build_model, oracle_profile, plant, save_and_load, tokens
+from tiny_models import FAMILIES, assert_matches_oracle, build_model, oracle_profile, plant, record_op_calls, save_and_load, tokens
 
 import superexperts
 from superexperts.layers import find_layers
@@ -40,31 +40,7 @@ def test_stats_equal_brute_force(saved):
     result = superexperts.profile(_load(path, OURS), ids, progress=False)
     want = oracle_profile(_load(path, EAGER), ids)
 
-    got_routed = {(u["layer"], u["expert"]): u for u in result.units() if u["kind"] == "routed" and u["rows"]}
-    assert set(got_routed) == set(want["routed"])
-    for key, (value, token, channel, in_max, rows) in want["routed"].items():
-        u = got_routed[key]
-        assert u["rows"] == rows
-        assert u["output_max"] == pytest.approx(value, rel=1e-5)
-        assert u["input_max"] == pytest.approx(in_max, rel=1e-5)
-        assert (u["sample"] * ids.shape[1] + u["position"], u["channel"]) == (token, channel)
-    for kind in ("shared", "dense"):
-        got = {(u["layer"], int(str(u["expert"]).split(":")[1]) if ":" in str(u["expert"]) else 0): u
-               for u in result.units() if u["kind"] == kind}
-        assert set(got) == set(want[kind])
-        for key, (value, token, channel, in_max, rows) in want[kind].items():
-            u = got[key]
-            assert u["output_max"] == pytest.approx(value, rel=1e-5)
-            assert u["input_max"] == pytest.approx(in_max, rel=1e-5)
-            assert (u["sample"] * ids.shape[1] + u["position"], u["channel"], u["rows"]) == (token, channel, rows)
-    for row in result.massive_activations():
-        value, token, channel, _, _ = want["hidden"][row["layer"]]
-        assert row["max"] == pytest.approx(value, rel=1e-5)
-        assert (row["top"][0]["sample"] * ids.shape[1] + row["position"], row["channel"]) == (token, channel)
-    sink = result.sink_mass()
-    assert set(sink) == set(want["sink"])
-    for layer, mass in want["sink"].items():
-        torch.testing.assert_close(sink[layer], mass, rtol=1e-5, atol=1e-6)
+    assert_matches_oracle(result, want, ids)
 
 
 def test_planted_super_expert_found_exactly(saved, tmp_path):
@@ -152,17 +128,8 @@ def test_stats_memory_does_not_grow_with_batches(saved):
 def test_experts_call_the_op_without_host_reads_and_gate_up_without_stats(saved, monkeypatch):
     """Per MoE layer call: gate_up with with_stats=False, down_proj with stats; neither asks the
     op to read `offsets` back (the integration builds them from counts)."""
-    from superexperts import experts
-
     family, path = saved
-    calls = []
-    op = experts.moe_down_proj_profile
-
-    def recording(*args, **kwargs):
-        calls.append((kwargs["with_stats"], kwargs["check_offsets"]))
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(experts, "moe_down_proj_profile", recording)
+    calls = record_op_calls(monkeypatch)
     model = _load(path, OURS)
     moe_layers = sum(p.is_moe for p in find_layers(model))
     with torch.no_grad():

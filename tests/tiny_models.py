@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 from torch import nn
@@ -51,9 +52,46 @@ def config_for(family: str, **overrides):
                    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
                    linear_conv_kernel_dim=4)
         cls = transformers.Qwen3NextConfig
+    # Families whose experts bypass the ExpertsInterface (superexperts.adapters).
+    elif family == "llama4":
+        cfg = dict(intermediate_size=16, intermediate_size_mlp=48, num_hidden_layers=3, num_key_value_heads=2,
+                   head_dim=8, num_local_experts=8, num_experts_per_tok=2, moe_layers=[0, 2])
+        cls = transformers.Llama4TextConfig
+    elif family == "dbrx":
+        # transformers 5.23's DBRX reads attn_config.rope_theta (not a declared field) and calls
+        # clamp(None, None) when clip_qkv is unset: real DBRX configs set both.
+        return transformers.DbrxConfig(**{
+            **dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=3, max_seq_len=256,
+                   attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                   ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2)),
+            **overrides,
+        })
+    elif family == "longcat_flash":
+        cfg = dict(num_layers=2, num_key_value_heads=4, ffn_hidden_size=48, q_lora_rank=16, kv_lora_rank=16,
+                   qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8, moe_topk=3, n_routed_experts=8,
+                   zero_expert_num=2, expert_ffn_hidden_size=16)
+        cls = transformers.LongcatFlashConfig
+    elif family == "jetmoe":
+        cfg = dict(num_hidden_layers=3, num_key_value_heads=2, kv_channels=8, intermediate_size=16,
+                   num_local_experts=8, num_experts_per_tok=2)
+        cls = transformers.JetMoeConfig
+    elif family == "step3p7":
+        from transformers.models.step3p7.configuration_step3p7 import Step3p7Config
+
+        text = dict(**common, intermediate_size=48, num_hidden_layers=3, num_key_value_heads=2, head_dim=8,
+                    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, share_expert_dim=16,
+                    sliding_window=6, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    mlp_layer_types=["dense", "sparse", "sparse"], swiglu_limits=[0.0, 0.0, 0.05])
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        return Step3p7Config(text_config={**text, **overrides}, vision_config=vision)
     else:
         raise ValueError(family)
     return cls(**{**common, **cfg, **overrides})
+
+
+def model_class(family: str):
+    """The Auto class that loads `family` (Step3p7 has only a vision-language head)."""
+    return transformers.AutoModelForImageTextToText if family == "step3p7" else transformers.AutoModelForCausalLM
 
 
 FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
@@ -63,7 +101,7 @@ def build_model(family: str, seed: int = 0, **overrides) -> nn.Module:
     """A randomly initialized tiny model in fp32, eval mode. Every parameter gets a
     deterministic N(0, 0.1) (biases, router bias and learned sinks included)."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config_for(family, **overrides))
+    model = model_class(family).from_config(config_for(family, **overrides))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -100,7 +138,7 @@ def plant(model, layer: int, expert: int | str, scale: float = 300.0) -> None:
 def save_and_load(model, path: Path, **load_kwargs):
     model.save_pretrained(path)
     assert (path / "model.safetensors").is_file() or any(path.glob("*.safetensors"))
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+    loaded = type(model).from_pretrained(path, **load_kwargs)
     return loaded.eval()
 
 
@@ -134,9 +172,15 @@ def _per_expert_forward(module, hidden_states, top_k_index, top_k_weights, recor
     return out
 
 
-def oracle_profile(model, ids: torch.Tensor, num_sink_tokens: int = 1) -> dict:
+def oracle_profile(model, ids: torch.Tensor, num_sink_tokens: int = 1, *, routed_forward=None,
+                   attentions_per_layer: int = 1) -> dict:
     """Brute-force statistics of `model` (loaded with eager attention) on ``ids [N, L]``,
-    one sequence at a time. Locations are global token ids ``n * L + position``."""
+    one sequence at a time. Locations are global token ids ``n * L + position``.
+
+    routed_forward(parts, record) -> (module, forward): the per-expert loop that replaces a
+    module's forward in MoE layer `parts`, calling ``record(expert, token_idx, down_input,
+    down_output)``; default: the loop of transformers' fused experts. attentions_per_layer:
+    attention modules per decoder layer (their heads are concatenated per layer)."""
     from superexperts.layers import find_layers
 
     parts = find_layers(model)
@@ -158,17 +202,20 @@ def oracle_profile(model, ids: torch.Tensor, num_sink_tokens: int = 1) -> dict:
     offset = [0]
     for p in parts:
         if p.is_moe:
-            module = p.experts
 
-            def fwd(hidden_states, top_k_index, top_k_weights, module=module, layer=p.index):
-                def record(e, token, act, down):
-                    a = down.abs()
-                    flat = int(a.argmax())
-                    keep(found["routed"], (layer, e), float(a.view(-1)[flat]),
-                         offset[0] + int(token[flat // a.shape[1]]), flat % a.shape[1], float(act.abs().max()), token.numel())
+            def record(e, token, act, down, layer=p.index):
+                a = down.abs()
+                flat = int(a.argmax())
+                keep(found["routed"], (layer, e), float(a.view(-1)[flat]),
+                     offset[0] + int(token[flat // a.shape[1]]), flat % a.shape[1], float(act.abs().max()), token.numel())
 
-                return _per_expert_forward(module, hidden_states, top_k_index, top_k_weights, record)
+            if routed_forward is None:
+                module = p.experts
 
+                def fwd(hidden_states, top_k_index, top_k_weights, module=module, record=record):
+                    return _per_expert_forward(module, hidden_states, top_k_index, top_k_weights, record)
+            else:
+                module, fwd = routed_forward(p, record)
             originals[module] = module.forward
             module.forward = fwd
         for kind, units in (("shared", p.shared), ("dense", p.dense)):
@@ -196,9 +243,10 @@ def oracle_profile(model, ids: torch.Tensor, num_sink_tokens: int = 1) -> dict:
             for n in range(ids.shape[0]):
                 offset[0] = n * seq_len
                 out = model(ids[n : n + 1], output_attentions=True, use_cache=False)
-                for layer, att in enumerate(out.attentions):
-                    mass = att[0, :, 1:, :num_sink_tokens].sum(-1).double().sum(-1)
-                    sink_sum[layer] = sink_sum.get(layer, 0) + mass
+                masses = [att[0, :, 1:, :num_sink_tokens].sum(-1).double().sum(-1) for att in out.attentions]
+                for layer in range(len(masses) // attentions_per_layer):
+                    group = masses[layer * attentions_per_layer : (layer + 1) * attentions_per_layer]
+                    sink_sum[layer] = sink_sum.get(layer, 0) + torch.cat(group)
     finally:
         for module, f in originals.items():
             module.forward = f
@@ -207,3 +255,47 @@ def oracle_profile(model, ids: torch.Tensor, num_sink_tokens: int = 1) -> dict:
     count = ids.shape[0] * (seq_len - 1)
     found["sink"] = {layer: s / count for layer, s in sink_sum.items()}
     return found
+
+
+def assert_matches_oracle(result, want: dict, ids: torch.Tensor) -> None:
+    """Every statistic of a `ProfileResult` on ``ids`` equals `oracle_profile`'s."""
+    got_routed = {(u["layer"], u["expert"]): u for u in result.units() if u["kind"] == "routed" and u["rows"]}
+    assert set(got_routed) == set(want["routed"])
+    for key, (value, token, channel, in_max, rows) in want["routed"].items():
+        u = got_routed[key]
+        assert u["rows"] == rows
+        assert u["output_max"] == pytest.approx(value, rel=1e-5)
+        assert u["input_max"] == pytest.approx(in_max, rel=1e-5)
+        assert (u["sample"] * ids.shape[1] + u["position"], u["channel"]) == (token, channel)
+    for kind in ("shared", "dense"):
+        got = {(u["layer"], int(str(u["expert"]).split(":")[1]) if ":" in str(u["expert"]) else 0): u
+               for u in result.units() if u["kind"] == kind}
+        assert set(got) == set(want[kind])
+        for key, (value, token, channel, in_max, rows) in want[kind].items():
+            u = got[key]
+            assert u["output_max"] == pytest.approx(value, rel=1e-5)
+            assert u["input_max"] == pytest.approx(in_max, rel=1e-5)
+            assert (u["sample"] * ids.shape[1] + u["position"], u["channel"], u["rows"]) == (token, channel, rows)
+    for row in result.massive_activations():
+        value, token, channel, _, _ = want["hidden"][row["layer"]]
+        assert row["max"] == pytest.approx(value, rel=1e-5)
+        assert (row["top"][0]["sample"] * ids.shape[1] + row["position"], row["channel"]) == (token, channel)
+    sink = result.sink_mass()
+    assert set(sink) == set(want["sink"])
+    for layer, mass in want["sink"].items():
+        torch.testing.assert_close(sink[layer], mass, rtol=1e-5, atol=1e-6)
+
+
+def record_op_calls(monkeypatch) -> list[tuple[bool, bool]]:
+    """``(with_stats, check_offsets)`` of every call the experts make to the op from now on."""
+    from superexperts import experts
+
+    calls = []
+    op = experts.moe_down_proj_profile
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs["with_stats"], kwargs["check_offsets"]))
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(experts, "moe_down_proj_profile", recording)
+    return calls

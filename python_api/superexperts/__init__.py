@@ -4,7 +4,8 @@ The user-facing toolkit on top of the ops in `superexperts_kernels`:
 
 - `profile(model, tokens)`: per-expert down_proj output maxima (and where), shared
   experts and dense MLPs, massive activations and attention-sink mass, in one pass,
-  through transformers' ExpertsInterface / AttentionInterface;
+  through transformers' ExpertsInterface / AttentionInterface, or a declared adapter for
+  the families whose experts bypass it (`superexperts families` lists every MoE family);
 - `ProfileResult.super_experts(Rule(...))`: the paper's rule and others;
 - `prune_experts`, `prune_super_experts`, `evaluate`, `ablate`, `sink_decay`: ablations;
 - `write_report`: JSON, the authors' report format, raw stats and plots.

@@ -77,8 +77,8 @@ class Pruning:
                 shared.append(_shared_down_proj(p, layer, expert))
             elif not p.is_moe:
                 raise ValueError(f"layer {layer} is a dense layer: it has no routed experts to prune")
-            elif not 0 <= expert < p.experts.num_experts:
-                raise ValueError(f"expert {expert} does not exist in layer {layer} ({p.experts.num_experts} experts)")
+            elif not 0 <= expert < p.num_experts:
+                raise ValueError(f"expert {expert} does not exist in layer {layer} ({p.num_experts} routed experts)")
             else:
                 routed.setdefault(layer, []).append(expert)
 
@@ -87,7 +87,8 @@ class Pruning:
         self._masked = []
         for layer, ids in routed.items():
             module = parts[layer].experts
-            mask = torch.zeros(module.num_experts, dtype=torch.bool, device=module.down_proj.device)
+            device = next(module.parameters()).device
+            mask = torch.zeros(parts[layer].num_experts, dtype=torch.bool, device=device)
             mask[ids] = True
             tag(module).pruned = mask
             self._masked.append(module)

@@ -157,7 +157,7 @@ def superexperts_sink_attention(
                     "out of the sink statistics: their sink tokens are not at the start",
                 )
             query_valid = query_valid & sink_present
-        stats.record_sink(layer, mass, query_valid)
+        stats.record_sink(layer, mass, query_valid, tag.heads if tag is not None else None)
     return o[..., :head_dim_v].transpose(1, 2).contiguous(), None
 
 

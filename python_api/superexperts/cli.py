@@ -1,4 +1,4 @@
-"""The ``superexperts`` command line: ``profile``, ``prune-eval`` and ``demo``."""
+"""The ``superexperts`` command line: ``profile``, ``prune-eval``, ``demo`` and ``families``."""
 
 from __future__ import annotations
 
@@ -211,6 +211,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_families(args) -> int:
+    from .families import UNCLASSIFIED, families, format_table
+
+    rows = families()
+    print(format_table(rows, markdown=args.markdown))
+    return 1 if any(f.state == UNCLASSIFIED for f in rows) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="superexperts", description="Find and measure Super Experts in MoE LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("families", help="list the installed transformers' MoE model types and how each is handled")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.set_defaults(func=cmd_families)
+
+    from .vllm.cli import add_parser as add_vllm_report
+
+    add_vllm_report(sub)
     return parser
 
 

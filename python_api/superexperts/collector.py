@@ -165,9 +165,10 @@ class SinkStats(_Stats):
             count=torch.zeros((), dtype=torch.int64, device=device),
         )
 
-    def add(self, mass_sum: torch.Tensor, count: torch.Tensor) -> None:
-        """Add per-head sums ``[heads]`` over `count` queries."""
-        self.mass_sum = self.mass_sum + mass_sum
+    def add(self, mass_sum: torch.Tensor, count: torch.Tensor, first_head: int = 0) -> None:
+        """Add per-head sums of heads ``first_head ..`` over `count` queries."""
+        after = self.mass_sum.numel() - first_head - mass_sum.numel()
+        self.mass_sum = self.mass_sum + torch.nn.functional.pad(mass_sum, (first_head, after))
         self.count = self.count + count
 
     def mean(self) -> torch.Tensor:
@@ -304,10 +305,19 @@ class StatsCollector(StatsTables):
             torch.tensor(a.numel(), device=h.device),
         )
 
-    def record_sink(self, layer: int, sink_mass: torch.Tensor, query_valid: torch.Tensor | None = None) -> None:
+    def record_sink(
+        self,
+        layer: int,
+        sink_mass: torch.Tensor,
+        query_valid: torch.Tensor | None = None,
+        heads: tuple[int, int] | None = None,
+    ) -> None:
         """Record per-query sink mass ``[B, heads, T]``; queries 0 (the sink itself) are left out.
 
         query_valid: optional bool ``[B, T]`` (False for padding queries).
+        heads: ``(first, total)`` when the layer's ``total`` heads come from several attention
+            modules run on the same queries (`superexperts.layers.ModuleTag.heads`): these are
+            heads ``first ..``; the module holding head 0 counts the queries.
         """
         mass = sink_mass.detach()[:, :, 1:].double()
         if query_valid is not None:
@@ -316,9 +326,10 @@ class StatsCollector(StatsTables):
             count = query_valid[:, 1:].sum()
         else:
             count = torch.tensor(mass.shape[0] * mass.shape[2], device=mass.device)
+        first, total = heads if heads is not None else (0, sink_mass.shape[1])
         if layer not in self.sink:
-            self.sink[layer] = SinkStats.empty(sink_mass.shape[1], sink_mass.device)
-        self.sink[layer].add(mass.sum(dim=(0, 2)), count)
+            self.sink[layer] = SinkStats.empty(total, sink_mass.device)
+        self.sink[layer].add(mass.sum(dim=(0, 2)), count if first == 0 else torch.zeros_like(count), first)
 
 
 _active: list[StatsCollector] = []

@@ -3,9 +3,13 @@
 
 - `register`: make ``experts_implementation="superexperts"`` and
   ``attn_implementation="superexperts_sink"`` known to transformers;
-- `our_implementations`: run a model on them inside a block, whatever it used before;
+- `our_implementations`: run a model on them inside a block, whatever it used before
+  (families of `superexperts.adapters`: their experts module's forward is replaced inside
+  the block, as transformers cannot dispatch it);
 - `hook_layer`: forward hooks recording one layer's shared/dense down_proj and its output
-  hidden states (the routed experts and attention record from inside their implementations);
+  hidden states (the routed experts and attention record from inside their implementations;
+  an adapter family's experts forward is installed for the layer too);
+- `moe_layers`: the decoder layers of a model the toolkit can profile, or a clear error;
 - `run_batches`: calibration tokens through the model with a collector active;
 - `describe_model`: the model's metadata in a `ProfileResult`.
 """
@@ -18,10 +22,11 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from . import adapters as _adapters
 from . import attention as _attention
 from . import experts as _experts
 from .collector import DENSE, SHARED, StatsCollector, collecting
-from .layers import LayerParts, text_config
+from .layers import LayerParts, describe_structure, find_layers, tag, text_config
 
 
 def register() -> None:
@@ -40,19 +45,80 @@ def our_implementations(model: torch.nn.Module, *, attention: bool = True) -> It
     model.set_experts_implementation(_experts.NAME)
     if attention:
         model.set_attn_implementation(_attention.NAME)
+    adapted = []
+    if any(_adapters.adapter_for(m) is not None for m in model.modules()):
+        adapted = [AdapterHandle(p) for p in find_layers(model) if p.adapter is not None]
     try:
         yield
     finally:
+        for handle in adapted:
+            handle.remove()
         if old_experts is not None and old_experts != _experts.NAME:
             model.set_experts_implementation(old_experts)
         if attention and old_attn is not None and old_attn != _attention.NAME:
             model.set_attn_implementation(old_attn)
 
 
+class AdapterHandle:
+    """Runs the experts module of an adapter family's layer on the generic forward of its
+    calling convention until `remove()` (a no-op when it already did: nested installs).
+
+    The forward replaced is accelerate's inner ``_old_forward`` when the module carries an
+    accelerate hook (offloaded models), so the hook still moves its weights."""
+
+    def __init__(self, parts: LayerParts):
+        adapter, module = parts.adapter, parts.experts
+        self.module = module
+        self.attr = "_old_forward" if hasattr(module, "_hf_hook") else "forward"
+        current = module.__dict__.get(self.attr)
+        self.installed = getattr(current, "func", None) not in _experts.ADAPTER_FORWARDS.values()
+        self.hooks = []
+        if not self.installed:
+            return
+        self.previous = current
+        setattr(module, self.attr, _experts.adapter_forward(adapter, module))
+        if adapter.call == "expert_major":
+            router = parts.experts_block.get_submodule(adapter.router)
+
+            def keep_routing(m, inputs, output, module=module):
+                tag(module).routing = _experts.adapter_routing(adapter, m, output)
+
+            self.hooks.append(router.register_forward_hook(keep_routing))
+
+    def remove(self) -> None:
+        if not self.installed:
+            return
+        for h in self.hooks:
+            h.remove()
+        if self.previous is None:
+            delattr(self.module, self.attr)
+        else:
+            setattr(self.module, self.attr, self.previous)
+        tag(self.module).routing = None
+        self.installed = False
+
+
+def moe_layers(model: torch.nn.Module) -> list[LayerParts]:
+    """`find_layers` of a model the toolkit profiles; a clear error for a refused family
+    (`superexperts.adapters.REFUSED`) or a model without routed experts."""
+    reason = _adapters.refusal(model)
+    if reason is not None:
+        raise ValueError(reason)
+    parts = find_layers(model)
+    if not any(p.is_moe for p in parts):
+        raise ValueError(
+            f"{type(model).__name__} has no routed experts module: superexperts profiles MoE models whose experts "
+            "transformers runs through its ExpertsInterface (fused 3-D parameters, transformers >= 5) or that "
+            "superexperts.adapters declares (`superexperts families` lists them)"
+        )
+    return parts
+
+
 def hook_layer(parts: LayerParts, stats: StatsCollector) -> list:
     """Forward hooks recording one layer's shared/dense down_proj outputs and its output
-    hidden states into `stats`; returns the handles."""
-    handles = []
+    hidden states into `stats` (and, for an adapter family, its experts forward); returns
+    the handles."""
+    handles = [AdapterHandle(parts)] if parts.adapter is not None else []
     for kind, units in ((SHARED, parts.shared), (DENSE, parts.dense)):
         for i, (_, down) in enumerate(units):
 
@@ -122,7 +188,8 @@ def run_batches(
 
 
 def describe_model(model: torch.nn.Module, parts: list[LayerParts]) -> dict:
-    """The model's fields of a `ProfileResult`: type, layer count and kinds, shared/dense names."""
+    """The model's fields of a `ProfileResult`: type, layer count and kinds, shared/dense
+    names, and its structure (`superexperts.layers.describe_structure`)."""
     cfg = text_config(model.config)
     return {
         "model_type": getattr(cfg, "model_type", type(model).__name__),
@@ -130,4 +197,5 @@ def describe_model(model: torch.nn.Module, parts: list[LayerParts]) -> dict:
         "layer_kinds": ["moe" if p.is_moe else "dense" for p in parts],
         "shared_names": {p.index: [n for n, _ in p.shared] for p in parts if p.shared},
         "dense_names": {p.index: [n for n, _ in p.dense] for p in parts if p.dense},
+        "structure": describe_structure(model, parts),
     }

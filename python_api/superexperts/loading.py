@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ from torch import nn
 
 from .checkpoint import CheckpointReader
 from .conversion import LayerPlan, plan_layer
+from .families import refusal_of, supported_model_types
 from .layers import LayerParts, decoder_layers, find_layers, tag, text_config
 
 if TYPE_CHECKING:
@@ -33,23 +32,6 @@ if TYPE_CHECKING:
 _FUSED_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@functools.lru_cache(maxsize=1)
-def supported_model_types() -> tuple[str, ...]:
-    """Model types whose experts transformers dispatches through the ExpertsInterface.
-
-    Read from the installed transformers: every ``models/<type>/modeling_*.py`` that
-    decorates an experts class with ``@use_experts_implementation``.
-    """
-    import transformers
-
-    root = Path(transformers.__file__).parent / "models"
-    found = set()
-    for path in root.glob("*/modeling_*.py"):
-        if re.search(r"^@use_experts_implementation", path.read_text(encoding="utf-8", errors="ignore"), re.M):
-            found.add(path.parent.name)
-    return tuple(sorted(found))
 
 
 def check_model_dir(model_dir: str | Path):
@@ -65,9 +47,13 @@ def check_model_dir(model_dir: str | Path):
     model_type = getattr(text_config(config), "model_type", None) or config.model_type
     supported = supported_model_types()
     if model_type not in supported and config.model_type not in supported:
+        reason = refusal_of(config.model_type)
+        if reason is not None:
+            raise ValueError(f"--model: {reason}")
         raise ValueError(
             f"--model: unsupported architecture {config.model_type!r}: superexperts profiles MoE models whose experts "
-            f"transformers runs through its ExpertsInterface. Supported model types: {', '.join(supported)}"
+            "transformers runs through its ExpertsInterface or that superexperts.adapters declares. Supported model "
+            f"types (`superexperts families` lists them): {', '.join(supported)}"
         )
     return config
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .integration import as_batches, describe_model, hook_layer, our_implementations, run_batches
-from .layers import find_layers
+from .integration import as_batches, describe_model, hook_layer, moe_layers, our_implementations, run_batches
 from .result import ProfileResult
 from .sweep import ProfileRun
 
@@ -45,12 +44,7 @@ def profile(
         raise ValueError(f"num_sink_tokens must be >= 1, got {num_sink_tokens}")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    parts = find_layers(model)
-    if not any(p.is_moe for p in parts):
-        raise ValueError(
-            f"{type(model).__name__} has no experts module dispatched through transformers' ExpertsInterface; "
-            "superexperts profiles MoE models whose experts are fused 3-D parameters (transformers >= 5)"
-        )
+    parts = moe_layers(model)
     meta = describe_model(model, parts)
     run = ProfileRun(
         calibration,

@@ -36,6 +36,7 @@ class ProfileResult(StatsTables):
     layer_kinds: list[str]
     shared_names: dict[int, list[str]] = field(default_factory=dict)
     dense_names: dict[int, list[str]] = field(default_factory=dict)
+    structure: dict = field(default_factory=dict)  # how the layers map onto the config (`layers.describe_structure`)
     elapsed_s: float = 0.0
     work_fraction: float = 1.0  # share of the run done in `elapsed_s` (less than 1 after a resume)
 
