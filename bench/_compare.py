@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ def add_args(p: argparse.ArgumentParser, *, cuda_tokens: int, cuda_batch: int, c
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model-dir", default=None, help="reuse a checkpoint written by an earlier run (same --layers)")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each method, in turns; the run of median time is reported")
     p.add_argument("--warm", action="store_true",
                    help="leave the checkpoint in the page cache (default: drop it before each method, so each reads the disk)")
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -91,26 +93,39 @@ def measure(method: str, run: Callable[[], tuple[list, dict]], args) -> dict:
 
 
 def run_methods(module: str, variants: list[tuple[str, list[str]]], args, forward: list[str]) -> list[dict]:
-    """Run benchmark `module` once per ``(method, extra args)`` in a fresh process; each row is
-    the child's JSON plus ``process_s``, the wall time of the whole process seen from here
-    (interpreter start, imports, model load and run). Unless ``--warm``, the checkpoint leaves
-    the page cache before each."""
+    """Run benchmark `module` per ``(method, extra args)`` in a fresh process, ``--repeat`` times
+    in turns (so a change of machine load reaches every method alike). Each row is the child's
+    JSON plus ``process_s``, the wall time of the whole process seen from here (interpreter
+    start, imports, model load and run); per method, the run of median ``process_s``, with
+    every run's figures under ``runs``. Unless ``--warm``, the checkpoint leaves
+    the page cache before each process."""
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeat):
+        for method, extra in variants:
+            row = _run_one(module, method, extra, args, forward)
+            runs.setdefault(row["method"], []).append(row)
     rows = []
-    for method, extra in variants:
-        cmd = ["--method", method, "--layers", str(args.layers), "--tokens", str(args.tokens),
-               "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
-               "--device", args.device, "--model-dir", args.model_dir, *(["--warm"] if args.warm else []), *forward, *extra]
-        if not args.warm:
-            drop_page_cache(args.model_dir)
-        start = time.perf_counter()
-        done = run_child(module, cmd)
-        wall = time.perf_counter() - start
-        if done.returncode != 0:
-            raise RuntimeError(f"{module} --method {method} {' '.join(extra)} failed:\n{done.stderr[-4000:]}")
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-        row["process_s"] = wall
+    for same in runs.values():
+        row = dict(sorted(same, key=lambda r: r["process_s"])[(len(same) - 1) // 2])
+        row["runs"] = [{k: v for k, v in r.items() if k != "super_experts"} for r in same]
         rows.append(row)
     return rows
+
+
+def _run_one(module: str, method: str, extra: list[str], args, forward: list[str]) -> dict:
+    cmd = ["--method", method, "--layers", str(args.layers), "--tokens", str(args.tokens),
+           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
+           "--device", args.device, "--model-dir", args.model_dir, *(["--warm"] if args.warm else []), *forward, *extra]
+    if not args.warm:
+        drop_page_cache(args.model_dir)
+    start = time.perf_counter()
+    done = run_child(module, cmd)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} --method {method} {' '.join(extra)} failed:\n{done.stderr[-4000:]}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    row["process_s"] = wall
+    return row
 
 
 def ensure_checkpoint(args, write: Callable[[Path], None], prefix: str):
@@ -127,6 +142,11 @@ def ensure_checkpoint(args, write: Callable[[Path], None], prefix: str):
         write(path)
         os.sync()
     return tmp
+
+
+def median_of(row: dict, field: str) -> float:
+    """The median of `field` over a method's runs (`run_methods`)."""
+    return statistics.median(r[field] for r in row["runs"])
 
 
 def same_super_experts(a: dict, b: dict) -> bool:

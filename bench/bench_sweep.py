@@ -30,7 +30,9 @@ import time
 import torch
 
 from ._common import peak_rss_mb, print_table, write_json
-from ._compare import add_args, calibration_ids, ensure_checkpoint, measure, resolve, run_methods, same_super_experts
+from ._compare import (
+    add_args, calibration_ids, ensure_checkpoint, measure, median_of, resolve, run_methods, same_super_experts,
+)
 from .bench_profile_e2e import PLANTED, import_libraries, write_checkpoint
 
 MB = 2**20
@@ -97,21 +99,22 @@ def main(argv=None):
     rows = run_methods(__spec__.name, [(m, []) for m in args.methods], args, ["--authors-sleep", str(args.authors_sleep)])
     by = {r["method"]: r for r in rows}
     summary = {}
-    if "stream" in by and "in_memory" in by:
-        summary["stream_over_in_memory_profile"] = by["stream"]["seconds"] / by["in_memory"]["profile_s"]
-        summary["stream_over_in_memory_with_load"] = by["stream"]["seconds"] / by["in_memory"]["seconds"]
+    if "stream" in by and "in_memory" in by:  # medians over the runs
+        stream_s = median_of(by["stream"], "seconds")
+        summary["stream_over_in_memory_profile"] = stream_s / median_of(by["in_memory"], "profile_s")
+        summary["stream_over_in_memory_with_load"] = stream_s / median_of(by["in_memory"], "seconds")
         summary["same_SEs"] = same_super_experts(by["stream"], by["in_memory"])
     if "stream" in by and "authors_stream" in by:
-        summary["authors_stream_over_stream"] = by["authors_stream"]["seconds"] / by["stream"]["seconds"]
+        summary["authors_stream_over_stream"] = median_of(by["authors_stream"], "seconds") / median_of(by["stream"], "seconds")
         summary["same_SEs_as_authors"] = same_super_experts(by["stream"], by["authors_stream"])
     if "peak_rss_over_base_layers" in by.get("stream", {}):
-        summary["stream_peak_rss_over_base_layers"] = by["stream"]["peak_rss_over_base_layers"]
+        summary["stream_peak_rss_over_base_layers"] = max(r["peak_rss_over_base_layers"] for r in by["stream"]["runs"])
     print_table(rows, ["method", "seconds", "process_s", "peak_MB", "super_experts"])
     print(json.dumps(summary, indent=1))
     write_json(
         f"sweep_{args.tokens}tok",
         {"layers": args.layers, "tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
-         "dtype": args.dtype, "page_cache": "warm" if args.warm else "dropped before each process",
+         "dtype": args.dtype, "repeat": args.repeat, "page_cache": "warm" if args.warm else "dropped before each process",
          "authors_sleep_s": args.authors_sleep, "planted": PLANTED, "summary": summary, "results": rows},
         args.out,
     )

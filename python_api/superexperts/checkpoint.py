@@ -30,7 +30,7 @@ SINGLE_FILE = "model.safetensors"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 SCALE_SUFFIX = "_scale_inv"
-WINDOW_BYTES = 256 << 20
+WINDOW_BYTES = 64 << 20
 
 
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -284,6 +284,12 @@ class LayerLoader:
         self._pending: dict[int, Future] = {}
         self._installed: dict[int, int] = {}  # id(layer) -> bytes held
         self._cancel = threading.Event()
+        # Buffers a read allocated (part -> tensors), then the installed layer's (id -> tensors):
+        # on CPU, `free_layer` keeps them as spares that the next read fills again.
+        self._allocated: dict[str, list[torch.Tensor]] = {}
+        self._reusable: dict[int, list[torch.Tensor]] = {}
+        self._spare: dict[tuple, list[torch.Tensor]] = {}
+        self._spare_lock = threading.Lock()
 
     def __enter__(self) -> LayerLoader:
         return self
@@ -311,7 +317,13 @@ class LayerLoader:
         out: dict[str, torch.Tensor] = {}
         key = None
         try:
-            out.update(plan.allocate(empty))
+            # The freed layer's buffers that fit first, the rest of them released, then new ones.
+            allocated = plan.allocate(self._take_spare if held is not None else lambda shape, dtype: None)
+            self._drop_spares()
+            for name, t in allocated.items():
+                if t is None:
+                    allocated[name] = empty(plan.targets[name].shape, plan.targets[name].dtype)
+            out.update(allocated)
             group_of = {k: g for g in plan.converted for keys in g.sources.values() for k in keys}
             collected: dict[int, dict[str, torch.Tensor]] = {id(g): {} for g in plan.converted}
             keys = self.reader.file_order(plan.keys())
@@ -339,7 +351,21 @@ class LayerLoader:
             where = f"{key} in {self.reader.dir / self.reader.weight_map[key]}" if key else str(self.reader.dir)
             raise LayerLoadError(f"{what}: reading {where} failed: {type(e).__name__}: {e}") from e
         self.read_seconds[what] = time.perf_counter() - start
+        if held is not None:
+            self._allocated[what] = list(allocated.values())
         return out
+
+    def _take_spare(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A buffer of a freed layer with this shape and dtype (its bytes still in `held`), or None."""
+        with self._spare_lock:
+            free = self._spare.get((tuple(shape), dtype))
+            return free.pop() if free else None
+
+    def _drop_spares(self) -> None:
+        """Release the freed layer's buffers that no read took."""
+        with self._spare_lock:
+            dropped, self._spare = self._spare, {}
+        self.held.sub(sum(t.numel() * t.element_size() for ts in dropped.values() for t in ts))
 
     def _install(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
@@ -401,6 +427,9 @@ class LayerLoader:
         layer = self.layers[index]
         self._install(tensors)
         self._installed[id(layer)] = self._installed.get(id(layer), 0) + _nbytes(tensors)
+        allocated = self._allocated.pop(f"layer {index}", [])
+        if self.device.type == "cpu":  # installed as they are (elsewhere: copied to the device)
+            self._reusable.setdefault(id(layer), []).extend(allocated)
         return layer
 
     def layer_bytes(self, layer: nn.Module) -> int:
@@ -408,9 +437,15 @@ class LayerLoader:
         return self._installed.get(id(layer), 0)
 
     def free_layer(self, layer: nn.Module) -> None:
-        """Return a loaded layer's tensors to the meta device."""
+        """Return a loaded layer's tensors to the meta device. On CPU the buffers the reads
+        allocated for it are kept for the next read (which fills them again instead of
+        faulting in fresh zeroed pages), and released once that read has taken what fits."""
         layer.to("meta")
-        self.held.sub(self._installed.pop(id(layer), 0))
+        kept = self._reusable.pop(id(layer), [])
+        with self._spare_lock:
+            for t in kept:
+                self._spare.setdefault((tuple(t.shape), t.dtype), []).append(t)
+        self.held.sub(self._installed.pop(id(layer), 0) - sum(t.numel() * t.element_size() for t in kept))
 
     def close(self) -> None:
         """Cancel the reads in flight and stop the background thread."""
@@ -423,6 +458,9 @@ class LayerLoader:
             if not future.cancelled() and future.exception() is None:
                 self.held.sub(_nbytes(future.result()))
         self._pending.clear()
+        self._drop_spares()
+        self._allocated.clear()
+        self._reusable.clear()
         self.reader.close()
 
 
