@@ -63,6 +63,36 @@ def test_in_place_fusion_equals_transformers_loading(checkpoint):
                 assert torch.equal(got[name], want[name]), (family, index, name, in_place)
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_freed_layer_buffers_are_refilled_exactly_by_the_next_read(checkpoint, background):
+    """Layer by layer (load, free), a read fills the freed layers' buffers of the same shapes
+    again: every layer still equals what from_pretrained loads, its tensors are the old ones
+    (kept alive here, so no allocator could hand out their addresses anew), and what the
+    loader holds goes back to zero."""
+    family, path = checkpoint
+    full = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    model = build_skeleton(path, dtype=torch.float32, device=CPU)
+    parts = find_layers(model)
+    alive: list[torch.Tensor] = []
+    reused = 0
+    with LayerLoader(model, path, dtype=torch.float32, device=CPU, background=background) as loader:
+        for p, want in zip(parts, decoder_layers(full)):
+            layer = loader.load_layer(p.index, p)
+            if p.index + 1 < len(parts):
+                loader.prefetch(p.index + 1, parts[p.index + 1])
+            got = layer.state_dict()
+            assert set(got) == set(want.state_dict())
+            for name, w in want.state_dict().items():
+                assert torch.equal(got[name], w), (family, p.index, name)
+            freed = {t.data_ptr() for t in alive}
+            reused += sum(t.data_ptr() in freed for t in layer.parameters())
+            alive += [t.detach() for t in layer.parameters()]
+            loader.free_layer(layer)
+        held_after_last = loader.held.now
+    assert reused > 0
+    assert held_after_last > 0 and loader.held.now == 0  # the last layer's spares, released by close
+
+
 def test_bf16_checkpoint_read_into_fp32_layers(tmp_path):
     superexperts.register()
     build_model("qwen3_moe").to(torch.bfloat16).save_pretrained(tmp_path)
