@@ -1,37 +1,48 @@
-"""Whole-model profiling: superexperts against the authors' method, same model, same tokens.
+"""End to end: superexperts against the authors' method, whole processes, model load included.
 
-Model: Qwen3-30B-A3B layer shapes (hidden 2048, 128 experts of 768, top-8, 32 q / 4 kv
-heads of 128) with fewer layers, random bf16 weights, and two planted Super Experts.
+Model: Qwen3-30B-A3B layer shapes (hidden 2048, 128 experts of 768, top-8, 32 q / 4 kv heads
+of 128) with fewer layers, random bf16 weights and two planted Super Experts, saved once as a
+safetensors checkpoint in the per-expert layout of the real one. Each method is one fresh
+process (``python -m bench.bench_profile_e2e --method ...``) timed from outside: interpreter
+start, imports, reading the checkpoint, profiling. Unless ``--warm``, the checkpoint leaves
+the page cache before each process.
 
-- ``ours``: ``superexperts.profile`` (fused experts through the profiling op, sink
-  attention, massive activations): everything the toolkit reports.
-- ``authors``: the experts as one ``nn.Linear`` per expert projection (as transformers 4.x
-  had them; weights shared with the fused tensors, not copied), a Python loop over the hit
-  experts, and a forward hook on every expert ``down_proj`` that records
-  ``input[0].abs().max()`` and ``output.abs().max()`` per call into Python lists, then the
-  same rule on the per-expert maxima. Attention: sdpa; no sink or massive-activation stats.
-  ``--authors-row0`` records ``output[0].abs().max()`` instead, as their released hook does
-  (the first routed token's row only).
+- ``ours``: ``superexperts.loading.load_model_in_background`` (each tensor copied once from
+  the mapped shards into its fused place, the layers read on a background thread while the
+  first batch already runs) and ``superexperts.profile`` (fused experts through the profiling op,
+  sink attention, massive activations): everything the toolkit reports.
+- ``ours_stream``: ``superexperts.streaming.stream_profile`` (one layer resident, the next
+  read in the background).
+- ``authors`` / ``authors_stream``: their method in memory, and streamed one layer at a time
+  with their 0.1 s pause per layer (``bench/_authors.py``): per-expert ``nn.Linear`` modules
+  loaded as views of the mapped shards, a Python loop over the experts, forward hooks
+  recording ``abs().max()`` per call, sdpa attention; expert maxima only.
+  ``--authors-row0`` adds their released hook's variant (``output[0]``: the first routed
+  token's row only).
 
-Each method runs in a fresh subprocess so its peak memory (CUDA max allocated, or the
-process's max RSS on CPU) is its own. Prints a table, writes JSON.
+Prints a table (process seconds, ratios in-memory vs in-memory and streamed vs streamed),
+writes JSON.
 
-    python -m bench.bench_profile_e2e --layers 2 --tokens 512          # CPU-sized
-    python -m bench.bench_profile_e2e --layers 8 --tokens 8192         # GPU
+    python -m bench.bench_profile_e2e --tokens 2048 --model-dir /tmp/e2e_ckpt   # CPU
+    python -m bench.bench_profile_e2e --layers 8 --tokens 8192                  # GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
+from pathlib import Path
 
 import torch
-from torch import nn
 
-from ._common import write_json
-from ._compare import add_args, calibration_ids, compare, measure, resolve
+from ._common import print_table, write_json
+from ._compare import (
+    add_args, calibration_ids, ensure_checkpoint, measure, median_of, resolve, run_methods, same_super_experts,
+)
 
 PLANTED = [(0, 68), (1, 92)]
+PAIRS = {"ours": "authors", "ours_stream": "authors_stream"}
 
 
 def build_model(layers: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -45,7 +56,8 @@ def build_model(layers: int, dtype: torch.dtype, device: str, seed: int = 0):
     model = random_model(cfg, dtype, device, seed)
     with torch.no_grad():
         for layer, expert in PLANTED:
-            model.model.layers[layer].mlp.experts.down_proj[expert].mul_(100.0)
+            if layer < layers:
+                model.model.layers[layer].mlp.experts.down_proj[expert].mul_(100.0)
     return model
 
 
@@ -54,7 +66,7 @@ def random_model(cfg, dtype: torch.dtype, device: str, seed: int = 0):
     eval mode; built on the meta device and filled in place, so no second copy is made."""
     import transformers
 
-    from superexperts.streaming import materialize_buffers
+    from superexperts.loading import materialize_buffers
 
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -72,94 +84,92 @@ def random_model(cfg, dtype: torch.dtype, device: str, seed: int = 0):
     return model.eval()
 
 
-class HookedExperts(nn.Module):
-    """transformers-4.x-style experts: ModuleLists of nn.Linear, looped in Python."""
-
-    def __init__(self, fused, records, row0: bool):
-        super().__init__()
-        self.num_experts = fused.num_experts
-        self.act_fn = fused.act_fn
-        inter = fused.down_proj.shape[2]
-        self.gate, self.up, self.down = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        for e in range(self.num_experts):
-            for lst, w in ((self.gate, fused.gate_up_proj[e, :inter]), (self.up, fused.gate_up_proj[e, inter:]), (self.down, fused.down_proj[e])):
-                lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-                lin.weight = nn.Parameter(w, requires_grad=False)
-                lst.append(lin)
-            self.down[e].register_forward_hook(self._recorder(records, e, row0))
-
-    @staticmethod
-    def _recorder(records, expert, row0):
-        def hook(module, inputs, output):
-            records.setdefault(expert, []).append(
-                (inputs[0].abs().max(), (output[0] if row0 else output).abs().max())
-            )
-
-        return hook
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
-        expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-        for e in torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist():
-            pos, token = torch.where(expert_mask[e])
-            x = hidden_states[token]
-            y = self.down[e](self.act_fn(self.gate[e](x)) * self.up[e](x))
-            out.index_add_(0, token, (y * top_k_weights[token, pos, None]).to(out.dtype))
-        return out
-
-
-def run_authors(model, ids, batch_size, row0):
-    from superexperts.rules import detect
-
-    per_layer = []
-    for layer in model.model.layers:
-        records: dict[int, list] = {}
-        layer.mlp.experts = HookedExperts(layer.mlp.experts, records, row0)
-        per_layer.append(records)
-    model.set_attn_implementation("sdpa")
-    with torch.inference_mode():
-        for batch in ids.split(batch_size):
-            model.model(input_ids=batch.to(model.device), use_cache=False)
-    candidates = [
-        (layer, e, float(max(o for _, o in rows)))
-        for layer, records in enumerate(per_layer)
-        for e, rows in records.items()
-    ]
-    return detect(candidates, len(per_layer))
-
-
-def run_ours(model, ids, batch_size):
+def write_checkpoint(path: Path, layers: int, dtype: torch.dtype) -> None:
+    """The model as transformers saves it: per-expert tensors, shards of at most 4 GB."""
     import superexperts
 
-    result = superexperts.profile(model, ids, batch_size=batch_size, progress=False)
-    return result.super_experts()
+    superexperts.register()
+    build_model(layers, dtype, "cpu").save_pretrained(path, max_shard_size="4GB")
+
+
+def run_ours(args, ids):
+    import superexperts
+    from superexperts.loading import load_model_in_background
+
+    t0 = time.perf_counter()
+    with load_model_in_background(args.model_dir, dtype=args.dtype, device=args.device) as (model, _):
+        t1 = time.perf_counter()
+        result = superexperts.profile(model, ids, batch_size=args.batch_size, progress=False)
+    return result.super_experts(), {"until_first_batch_s": t1 - t0, "profile_s": time.perf_counter() - t1}
+
+
+def run_ours_stream(args, ids):
+    from superexperts.streaming import StreamStats, stream_profile
+
+    memory = StreamStats()
+    result = stream_profile(args.model_dir, ids, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+                            progress=False, memory=memory)
+    return result.super_experts(), {"layer_wait_s": round(sum(memory.wait_seconds), 3),
+                                    "layer_read_s": round(sum(memory.read_seconds), 3)}
+
+
+def run_authors(args, ids):
+    from ._authors import profile_in_memory, profile_streamed
+
+    dtype = getattr(torch, args.dtype)
+    if args.method == "authors_stream":
+        return profile_streamed(args.model_dir, ids.to(args.device), batch_size=args.batch_size, dtype=dtype,
+                                sleep_s=args.authors_sleep), {}
+    return profile_in_memory(args.model_dir, ids.to(args.device), batch_size=args.batch_size, dtype=dtype,
+                             row0=args.authors_row0), {}
+
+
+def import_libraries(ours: bool) -> None:
+    """Import what a method needs before its timer starts (the whole-process time counts it)."""
+    import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
+
+    if ours:
+        import superexperts.streaming  # noqa: F401  (the whole toolkit and its kernels)
 
 
 def child(args) -> dict:
-    model = build_model(args.layers, getattr(torch, args.dtype), args.device)
+    import_libraries(ours=args.method.startswith("ours"))
     ids = calibration_ids(args)
-    if args.method == "ours":
-        return measure("ours", lambda: run_ours(model, ids, args.batch_size), args)
-    name = "authors_row0" if args.authors_row0 else "authors"
-    return measure(name, lambda: run_authors(model, ids, args.batch_size, args.authors_row0), args)
+    run = {"ours": run_ours, "ours_stream": run_ours_stream}.get(args.method, run_authors)
+    name = "authors_row0" if args.authors_row0 else args.method
+    return measure(name, lambda: run(args, ids), args)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p, cuda_tokens=8192, cuda_batch=8)
-    p.add_argument("--authors-row0", action="store_true", help=argparse.SUPPRESS)
+    add_args(p, cuda_tokens=8192, cuda_batch=8, cpu_tokens=2048)
+    p.add_argument("--authors-sleep", type=float, default=0.1, help="their fixed pause per streamed layer, seconds")
+    p.add_argument("--authors-row0", action="store_true", help="also run the authors' output[0] hook variant")
+    p.add_argument("--methods", nargs="+", default=["ours", "authors", "ours_stream", "authors_stream"])
     args = p.parse_args(argv)
     resolve(args)
     if args.method:  # child process
         print(json.dumps(child(args)))
         return
-    rows = compare(__spec__.name, [("ours", []), ("authors", []), ("authors", ["--authors-row0"])], args, [])
+    tmp = ensure_checkpoint(args, lambda path: write_checkpoint(path, args.layers, getattr(torch, args.dtype)), "bench_e2e_")
+    variants = [(m, []) for m in args.methods] + ([("authors", ["--authors-row0"])] if args.authors_row0 else [])
+    rows = run_methods(__spec__.name, variants, args, ["--authors-sleep", str(args.authors_sleep)])
+    by_method = {r["method"]: r for r in rows}
+    for r in rows:
+        pair = next((o for o, a in PAIRS.items() if a == r["method"]), None) or ("ours" if r["method"] == "authors_row0" else None)
+        if pair in by_method:
+            r["ours_speedup"] = median_of(r, "process_s") / median_of(by_method[pair], "process_s")
+            r["same_SEs_as_ours"] = same_super_experts(r, by_method[pair])
+    print_table(rows, ["method", "process_s", "seconds", "peak_MB", "ours_speedup", "same_SEs_as_ours", "super_experts"])
     write_json(
-        "profile_e2e",
+        f"profile_e2e_{args.tokens}tok",
         {"layers": args.layers, "tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
-         "dtype": args.dtype, "planted": PLANTED, "results": rows},
+         "dtype": args.dtype, "repeat": args.repeat, "page_cache": "warm" if args.warm else "dropped before each process",
+         "authors_sleep_s": args.authors_sleep, "planted": PLANTED, "results": rows},
         args.out,
     )
+    if tmp is not None:
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

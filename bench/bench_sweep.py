@@ -1,112 +1,121 @@
-"""Layer-streaming sweep throughput: superexperts against the authors' streaming approach.
+"""Layer streaming against the in-memory profile of the same model, and against the authors'
+streaming, from a checkpoint that is not in the page cache.
 
-Both stream the same safetensors checkpoint (Qwen3-30B-A3B layer shapes, fewer layers,
-random bf16 weights, two planted Super Experts) one decoder layer at a time over the same
-calibration tokens:
+The checkpoint (Qwen3-30B-A3B layer shapes, fewer layers, random bf16 weights, two planted
+Super Experts; per-expert tensors as transformers saves them) is written once; unless
+``--warm``, its shards leave the page cache (``POSIX_FADV_DONTNEED``) before each method, so
+each reads the disk, as it would a checkpoint bigger than the page cache. Each method is a
+fresh process:
 
-- ``ours``: ``superexperts.streaming.stream_profile`` (fused experts through the profiling
-  op, sink attention, massive activations, hidden states kept on the device).
-- ``authors``: the same layer loading, but each layer's experts run as per-expert
-  ``nn.Linear`` modules in a Python loop with a forward hook per expert ``down_proj``
-  recording ``abs().max()`` of input and output into Python lists, sdpa attention, and the
-  fixed 0.1 s pause after each layer that their tool takes (``--authors-sleep``).
+- ``stream``: ``superexperts.streaming.stream_profile``: layer l+1 read (and fused) on a
+  background thread while layer l computes; at most two layers held.
+- ``in_memory``: ``load_model`` (the whole model, read up front) then ``superexperts.profile``;
+  its profile time (model already in memory) is what the streamed run is held to (<= 1.2x).
+- ``authors_stream``: their streaming (``bench/_authors.py``): per-expert modules loaded as
+  views of the mapped shards, one layer at a time, hooks, sdpa, a 0.1 s pause per layer.
 
-Each method runs in a fresh subprocess (peak memory is per process: CUDA max allocated, or
-max RSS on CPU). Prints a table, writes JSON.
+Peak RSS of the streamed run is compared with its base (the RSS before the first layer is
+read: embeddings, hidden states, per-batch layer arguments) plus two layers.
 
-    python -m bench.bench_sweep --layers 2 --tokens 512           # CPU-sized
-    python -m bench.bench_sweep --layers 8 --tokens 65536         # GPU
+    python -m bench.bench_sweep --layers 4 --tokens 2048 --model-dir /tmp/sweep_ckpt   # CPU
+    python -m bench.bench_sweep --layers 8 --tokens 65536                              # GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from ._common import sync, write_json
-from ._compare import add_args, calibration_ids, compare, measure, resolve
-from .bench_profile_e2e import PLANTED, HookedExperts, build_model
+from ._common import peak_rss_mb, print_table, write_json
+from ._compare import (
+    add_args, calibration_ids, ensure_checkpoint, measure, median_of, resolve, run_methods, same_super_experts,
+)
+from .bench_profile_e2e import PLANTED, import_libraries, write_checkpoint
+
+MB = 2**20
 
 
-def write_checkpoint(path: Path, layers: int, dtype: torch.dtype) -> None:
+def run_stream(args, ids):
+    from superexperts.streaming import StreamStats, stream_profile
+
+    memory = StreamStats()
+    result = stream_profile(args.model_dir, ids, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+                            progress=False, memory=memory)
+    largest = max(memory.layer_param_bytes)
+    extra = {
+        "layer_MB": largest / MB,
+        "peak_held_layers": memory.peak_held_bytes / largest,
+        "layer_read_s": [round(s, 3) for s in memory.read_seconds],
+        "layer_wait_s": [round(s, 3) for s in memory.wait_seconds],
+    }
+    if memory.base_rss_bytes is not None and torch.device(args.device).type == "cpu":
+        extra["base_rss_MB"] = memory.base_rss_bytes / MB
+        extra["peak_rss_over_base_MB"] = peak_rss_mb() - memory.base_rss_bytes / MB
+        extra["peak_rss_over_base_layers"] = extra["peak_rss_over_base_MB"] / extra["layer_MB"]
+    return result.super_experts(), extra
+
+
+def run_in_memory(args, ids):
     import superexperts
+    from superexperts.loading import load_model
 
-    superexperts.register()
-    build_model(layers, dtype, "cpu").save_pretrained(path)
-
-
-def run_ours(model_dir, ids, args, device):
-    from superexperts.streaming import stream_profile
-
-    result = stream_profile(model_dir, ids, batch_size=args.batch_size, dtype=args.dtype, device=str(device), progress=False)
-    return result.super_experts()
+    t0 = time.perf_counter()
+    model, _ = load_model(args.model_dir, dtype=args.dtype, device=args.device)
+    t1 = time.perf_counter()
+    result = superexperts.profile(model, ids, batch_size=args.batch_size, progress=False)
+    return result.super_experts(), {"load_s": t1 - t0, "profile_s": time.perf_counter() - t1}
 
 
-def run_authors(model_dir, ids, args, device):
-    from superexperts.layers import find_layers
-    from superexperts.rules import detect
-    from superexperts.streaming import LayerLoader, build_skeleton, layer_arguments
+def run_authors_stream(args, ids):
+    from ._authors import profile_streamed
 
-    dtype = getattr(torch, args.dtype)
-    model = build_skeleton(model_dir, dtype=dtype, device=device)
-    model.set_attn_implementation("sdpa")
-    parts = find_layers(model)
-    loader = LayerLoader(model, model_dir, dtype=dtype, device=device)
-    loader.load_base()
-    batches = list(ids.split(args.batch_size))
-    with torch.inference_mode():
-        hidden = [layer_arguments(model, b.to(device))[0][0] for b in batches]
-        candidates = []
-        for p in parts:
-            layer = loader.load_layer(p.index, p)
-            records: dict[int, list] = {}
-            fused = layer.mlp.experts
-            layer.mlp.experts = HookedExperts(fused, records, row0=False)
-            for b, batch in enumerate(batches):
-                _, a, kw = layer_arguments(model, batch.to(device))[p.index]
-                hidden[b] = layer(hidden[b], *a, **kw)
-            layer.mlp.experts = fused
-            candidates += [(p.index, e, float(max(o for _, o in rows))) for e, rows in records.items()]
-            loader.free_layer(layer)
-            sync(device)
-            time.sleep(args.authors_sleep)
-    return detect(candidates, len(parts))
+    found = profile_streamed(args.model_dir, ids.to(args.device), batch_size=args.batch_size,
+                             dtype=getattr(torch, args.dtype), sleep_s=args.authors_sleep)
+    return found, {}
 
 
 def child(args) -> dict:
-    device = torch.device(args.device)
+    import_libraries(ours=args.method != "authors_stream")
     ids = calibration_ids(args)
-    run = run_ours if args.method == "ours" else run_authors
-    return measure(args.method, lambda: run(args.model_dir, ids, args, device), args)
+    run = {"stream": run_stream, "in_memory": run_in_memory, "authors_stream": run_authors_stream}[args.method]
+    return measure(args.method, lambda: run(args, ids), args)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p, cuda_tokens=65536, cuda_batch=16)
+    add_args(p, cuda_tokens=65536, cuda_batch=16, cpu_tokens=2048)
     p.add_argument("--authors-sleep", type=float, default=0.1, help="their fixed pause per layer, seconds")
-    p.add_argument("--model-dir", default=None, help="reuse a checkpoint written by an earlier run")
+    p.add_argument("--methods", nargs="+", default=["stream", "in_memory", "authors_stream"])
     args = p.parse_args(argv)
     resolve(args)
     if args.method:
         print(json.dumps(child(args)))
         return
 
-    tmp = None
-    if args.model_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_sweep_")
-        args.model_dir = tmp.name
-        write_checkpoint(Path(tmp.name), args.layers, getattr(torch, args.dtype))
-    forward = ["--model-dir", args.model_dir, "--authors-sleep", str(args.authors_sleep)]
-    rows = compare(__spec__.name, [("ours", []), ("authors", [])], args, forward)
+    tmp = ensure_checkpoint(args, lambda path: write_checkpoint(path, args.layers, getattr(torch, args.dtype)), "bench_sweep_")
+    rows = run_methods(__spec__.name, [(m, []) for m in args.methods], args, ["--authors-sleep", str(args.authors_sleep)])
+    by = {r["method"]: r for r in rows}
+    summary = {}
+    if "stream" in by and "in_memory" in by:  # medians over the runs
+        stream_s = median_of(by["stream"], "seconds")
+        summary["stream_over_in_memory_profile"] = stream_s / median_of(by["in_memory"], "profile_s")
+        summary["stream_over_in_memory_with_load"] = stream_s / median_of(by["in_memory"], "seconds")
+        summary["same_SEs"] = same_super_experts(by["stream"], by["in_memory"])
+    if "stream" in by and "authors_stream" in by:
+        summary["authors_stream_over_stream"] = median_of(by["authors_stream"], "seconds") / median_of(by["stream"], "seconds")
+        summary["same_SEs_as_authors"] = same_super_experts(by["stream"], by["authors_stream"])
+    if "peak_rss_over_base_layers" in by.get("stream", {}):
+        summary["stream_peak_rss_over_base_layers"] = max(r["peak_rss_over_base_layers"] for r in by["stream"]["runs"])
+    print_table(rows, ["method", "seconds", "process_s", "peak_MB", "super_experts"])
+    print(json.dumps(summary, indent=1))
     write_json(
-        "sweep",
+        f"sweep_{args.tokens}tok",
         {"layers": args.layers, "tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
-         "dtype": args.dtype, "authors_sleep_s": args.authors_sleep, "planted": PLANTED, "results": rows},
+         "dtype": args.dtype, "repeat": args.repeat, "page_cache": "warm" if args.warm else "dropped before each process",
+         "authors_sleep_s": args.authors_sleep, "planted": PLANTED, "summary": summary, "results": rows},
         args.out,
     )
     if tmp is not None:

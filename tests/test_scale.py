@@ -18,7 +18,8 @@ import superexperts
 from superexperts.checkpoint import CheckpointReader, dequantize_fp8_blocks
 from superexperts.result import ProfileResult
 from superexperts.distributed import ExpertShard
-from superexperts.streaming import LayerLoader, StreamStats, build_skeleton, stream_profile
+from superexperts.loading import LayerLoader, build_skeleton
+from superexperts.streaming import StreamStats, stream_profile
 from superexperts.layers import find_layers
 
 OURS = dict(experts_implementation="superexperts", attn_implementation="superexperts_sink")

@@ -45,6 +45,13 @@ def config_for(family: str, **overrides):
         cfg = dict(intermediate_size=16, num_hidden_layers=3, num_key_value_heads=4, num_experts=8,
                    num_experts_per_tok=2)
         cls = transformers.OlmoeConfig
+    elif family == "qwen3_next":  # hybrid: gated-delta-net (linear) and full attention layers
+        cfg = dict(intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                   num_hidden_layers=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
+                   layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                   linear_conv_kernel_dim=4)
+        cls = transformers.Qwen3NextConfig
     # Families whose experts bypass the ExpertsInterface (superexperts.adapters).
     elif family == "llama4":
         cfg = dict(intermediate_size=16, intermediate_size_mlp=48, num_hidden_layers=3, num_key_value_heads=2,

@@ -177,7 +177,7 @@ def print_ablation(ablation) -> None:
 def cmd_profile(args) -> int:
     from .calibration import check_source
     from .files import check_output_dir
-    from .loading import load_model, load_tokenizer, resolve_device
+    from .loading import load_model_in_background, load_tokenizer, resolve_device
     from .profiler import profile
 
     config = _check_model_args(args)
@@ -202,11 +202,12 @@ def cmd_profile(args) -> int:
             if result is not None:  # rank 0 (or one process) reports; the others wait for it
                 _report_profile(result, rule, args)
         return 0
-    model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
-    result = profile(
-        model, tokens, batch_size=args.batch_size, num_sink_tokens=args.num_sink_tokens,
-        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-    )
+    # Reading the checkpoint overlaps the first batch's forward (`load_model_in_background`).
+    with load_model_in_background(args.model, dtype=args.dtype, device=args.device) as (model, _):
+        result = profile(
+            model, tokens, batch_size=args.batch_size, num_sink_tokens=args.num_sink_tokens,
+            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        )
     _report_profile(result, rule, args)
     return 0
 

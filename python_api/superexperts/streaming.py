@@ -1,20 +1,22 @@
 """Layer-wise streaming: profile checkpoints larger than device memory, on one or many ranks.
 
 The model skeleton is built on the meta device from its config. Each decoder layer is read
-from the safetensors shards (`CheckpointReader`), converted to the model's layout by
-transformers' own weight conversions (per-expert checkpoint tensors fused into
-``gate_up_proj`` / ``down_proj``, FP8 block-scaled weights dequantized), placed on the
-device, run on every calibration batch, and freed (back to meta) before the next layer.
-Only one layer's parameters are resident at a time; the hidden states between layers stay
-on the device or, with ``offload_hidden``, in CPU memory.
+from the memory-mapped safetensors shards and written once into the model's layout by
+transformers' own conversion mapping (per-expert checkpoint tensors fused into
+``gate_up_proj`` / ``down_proj``, FP8 block-scaled weights dequantized; `superexperts.loading`),
+placed on the device, run on every calibration batch, and freed (back to meta). Layer l+1 is
+read on a background thread while layer l computes, so at most two layers are held at once;
+the hidden states between layers stay on the device or, with ``offload_hidden``, in CPU memory.
 
-Each layer's positional inputs and masks come from one pass of the model's own forward
-with stand-ins for the decoder layers that record their arguments, so every architecture
-gets the masks and rotary embeddings it computes itself.
+Each layer's other inputs (masks, rotary tables, positions) come from one pass per batch of
+the model's own forward with stand-ins for the decoder layers that record their arguments,
+so every architecture (sliding-window and hybrid layer types included) gets what it computes
+itself; they are kept for the run, one copy per distinct value.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,127 +28,57 @@ from tqdm.auto import tqdm
 
 from . import distributed as _dist
 from .calibration import check_sink_tokens, check_token_ids
-from .checkpoint import CheckpointReader
 from .collector import collecting
 from .distributed import ExpertShard
-from .integration import describe_model, hook_layer, register
-from .layers import LayerParts, decoder_layers, find_layers, tag
+from .integration import describe_model, hook_layer
+from .layers import LayerParts, decoder_layers, find_layers
+from .loading import LayerLoader, build_skeleton, resolve_dtype
 from .result import ProfileResult
 from .sweep import ProfileRun, checkpoint_identity
 
-_FUSED_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
-
-
 @dataclass
 class StreamStats:
-    """Resident parameter bytes seen while streaming (for the memory bound)."""
+    """Memory of a streamed run, for the memory bound (filled by `stream_profile`).
+
+    base_param_bytes: parameters outside the decoder layers (embeddings, norms).
+    peak_param_bytes: most parameter bytes resident in the model at once.
+    layer_param_bytes: each layer's tensor bytes (parameters and buffers), in load order.
+    peak_held_bytes: most bytes of layer tensors held at once, the model's and those of the
+        read in flight on the background thread (one layer without prefetch, at most two with).
+    base_rss_bytes: the process's resident set size before the first layer was read (Linux;
+        None elsewhere).
+    read_seconds / wait_seconds: per layer, how long reading it took, and how long the
+        computation waited for it (reading that computing the previous layer did not hide).
+    """
 
     base_param_bytes: int = 0
     peak_param_bytes: int = 0
     layer_param_bytes: list[int] = field(default_factory=list)
+    peak_held_bytes: int = 0
+    base_rss_bytes: int | None = None
+    read_seconds: list[float] = field(default_factory=list)
+    wait_seconds: list[float] = field(default_factory=list)
 
 
 def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters() if p.device.type != "meta")
 
 
-def build_skeleton(model_dir: str | Path, *, dtype: torch.dtype, device: torch.device):
-    """The model on the meta device, but for its non-persistent buffers (rotary tables), which
-    are computed on `device` as transformers' own init does."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    register()
-    config = AutoConfig.from_pretrained(model_dir)
-    quant = getattr(config, "quantization_config", None)
-    if quant is not None:
-        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-        if str(method) not in ("fp8", "QuantizationMethod.FP8"):
-            raise ValueError(f"--model: quantization {method!r} is not supported by layer streaming (FP8 block scales are)")
-        del config.quantization_config  # dequantized on load by CheckpointReader
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, experts_implementation="superexperts", attn_implementation="superexperts_sink"
-        )
-    materialize_buffers(model, device)
-    return model.eval()
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
-def materialize_buffers(model, device: torch.device) -> None:
-    """Put the non-persistent buffers (rotary tables: computed, never in a checkpoint) of a
-    meta-built model on `device`, computed by transformers' own init."""
-    owners = set()
-    for name, buf in model.named_non_persistent_buffers():
-        module_path, _, buf_name = name.rpartition(".")
-        owner = model.get_submodule(module_path)
-        owner._buffers[buf_name] = torch.empty_like(buf, device=device)
-        owners.add(owner)
-    with torch.no_grad():
-        for owner in owners:
-            model._init_weights(owner)
+@dataclass
+class LayerArguments:
+    """What the model's own forward passes to each decoder layer for one batch besides the
+    hidden states: ``per_layer[i] = (args, kwargs)`` (masks, rotary tables, positions). Layers
+    of one attention type share the same objects, as the model builds each once."""
 
-
-class LayerLoader:
-    """Loads and frees decoder layers of a meta skeleton from a checkpoint directory."""
-
-    def __init__(self, model, model_dir: str | Path, *, dtype: torch.dtype, device: torch.device):
-        from transformers.conversion_mapping import get_model_conversion_mapping
-
-        self.model = model
-        self.reader = CheckpointReader(model_dir)
-        self.dtype = dtype
-        self.device = device
-        self.mapping = get_model_conversion_mapping(model)
-        self.layers = decoder_layers(model)
-
-    def _load(self, tensors: dict[str, torch.Tensor], what: str, module: nn.Module) -> None:
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
-        from transformers.utils import logging as hf_logging
-
-        config = LoadStateDictConfig(device_map={"": str(self.device)}, dtype=self.dtype, weight_mapping=self.mapping)
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            info, _ = convert_and_load_state_dict_in_model(self.model, tensors, config)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
-        if info.mismatched_keys:
-            raise ValueError(f"{what}: checkpoint tensors do not match the model: {sorted(info.mismatched_keys)[:4]}")
-        still_meta = [n for n, p in module.named_parameters() if p.device.type == "meta"]
-        if still_meta:
-            raise ValueError(f"{what}: no checkpoint tensor for {still_meta[:4]} in {self.reader.dir}")
-
-    def load_base(self) -> None:
-        """Everything outside the decoder layers (embeddings, final norm; lm_head is not needed)."""
-        tensors = self.reader.read([k for k in self.reader.other_keys if "lm_head" not in k], dtype=self.dtype)
-        base = self.model.base_model
-        self._load(tensors, "embeddings and norms", base.get_input_embeddings())
-
-    def load_layer(self, index: int, parts: LayerParts, shard: ExpertShard | None = None) -> nn.Module:
-        """Read decoder layer `index` onto the device; with `shard`, only those experts."""
-        layer = self.layers[index]
-        expert_range, num_global = None, None
-        if shard is not None and parts.experts is not None:
-            _resize_meta_experts(parts.experts, shard.count)
-            tag(parts.experts).shard = shard
-            expert_range, num_global = (shard.start, shard.start + shard.count), shard.num_global
-        keys = self.reader.layer_keys.get(index, [])
-        tensors = self.reader.read(keys, dtype=self.dtype, expert_range=expert_range, num_experts=num_global)
-        self._load(tensors, f"layer {index}", layer)
-        return layer
-
-    @staticmethod
-    def free_layer(layer: nn.Module) -> None:
-        layer.to("meta")
-
-
-def _resize_meta_experts(experts: nn.Module, count: int) -> None:
-    for name in _FUSED_EXPERT_PARAMS:
-        p = getattr(experts, name, None)
-        if isinstance(p, torch.Tensor):
-            setattr(experts, name, nn.Parameter(torch.empty((count, *p.shape[1:]), dtype=p.dtype, device="meta"), requires_grad=False))
-    experts.num_experts = count
+    per_layer: list[tuple[tuple, dict]]
 
 
 @contextmanager
@@ -175,12 +107,43 @@ def _layer_inputs(model, store: dict[int, tuple]) -> Iterator[None]:
             layers[i] = layer
 
 
-def layer_arguments(model, input_ids: torch.Tensor) -> dict[int, tuple]:
-    """``{layer: (embeddings, args, kwargs)}`` for one batch of token ids."""
+def layer_arguments(model, input_ids: torch.Tensor, shared: list | None = None) -> tuple[torch.Tensor, LayerArguments]:
+    """One pass of the model's forward with its layers stood in for: the embeddings
+    ``[B, T, H]`` of ``input_ids [B, T]`` and every layer's other arguments.
+
+    `shared`: a list kept across batches; a tensor equal to one an earlier batch gave (same
+    shape, dtype, device and values) is replaced by that one, so batches of one shape hold one
+    copy of their masks and rotary tables.
+    """
     store: dict[int, tuple] = {}
     with _layer_inputs(model, store), torch.inference_mode():
         model.base_model(input_ids=input_ids, use_cache=False)
-    return store
+    missing = [i for i in range(len(decoder_layers(model))) if i not in store]
+    if missing:
+        raise ValueError(f"{type(model).__name__}'s forward did not call decoder layers {missing[:4]}")
+    embeddings = store[0][0]
+    per_layer = [(store[i][1], store[i][2]) for i in range(len(store))]
+    if shared is not None:
+        per_layer = _share_equal(per_layer, shared, {})
+    return embeddings, LayerArguments(per_layer)
+
+
+def _share_equal(value, pool: list, seen: dict):
+    """`value` (nested tuples, lists and dicts) with each tensor replaced by an equal one of
+    `pool` when there is one (else added to it); `seen` maps ids already resolved."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in seen:
+            same = next((t for t in pool if t.shape == value.shape and t.dtype == value.dtype and t.device == value.device
+                         and torch.equal(t, value)), None)
+            if same is None:
+                pool.append(value)
+            seen[id(value)] = (value, same if same is not None else value)
+        return seen[id(value)][1]
+    if isinstance(value, dict):
+        return {k: _share_equal(v, pool, seen) for k, v in value.items()}
+    if type(value) in (tuple, list):  # plain containers (a named tuple is kept as it is)
+        return type(value)(_share_equal(v, pool, seen) for v in value)
+    return value
 
 
 def stream_profile(
@@ -198,6 +161,7 @@ def stream_profile(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    prefetch: bool = True,
     memory: StreamStats | None = None,
 ) -> ProfileResult | None:
     """Profile a checkpoint directory one decoder layer at a time.
@@ -209,7 +173,9 @@ def stream_profile(
         dist_timeout_s: with `parallel`, how long a collective waits for the other ranks.
         checkpoint_dir / resume: save stats and hidden states after every layer; continue a
             run from its last finished layer.
-        memory: filled with the resident parameter bytes (base and peak).
+        prefetch: read layer l+1 on a background thread while layer l computes (False: read
+            each layer when it is needed).
+        memory: filled with the run's memory figures (`StreamStats`).
 
     Returns:
         The merged `ProfileResult` on rank 0 (and in a single process); None on other ranks.
@@ -221,18 +187,11 @@ def stream_profile(
     device = torch.device(_dist.local_device(str(device)))
     par = _dist.init(parallel, device, dist_timeout_s) if parallel else None
     rank, world = (par.rank, par.world) if par else (0, 1)
-    if isinstance(dtype, str):
-        from transformers import AutoConfig
-
-        dtype = AutoConfig.from_pretrained(model_dir).dtype if dtype == "auto" else getattr(torch, dtype)
-        dtype = dtype or torch.float32
+    dtype = resolve_dtype(model_dir, dtype)
     model = build_skeleton(model_dir, dtype=dtype, device=device)
     check_token_ids(calibration, model.get_input_embeddings().num_embeddings)
     parts = find_layers(model)
-    loader = LayerLoader(model, model_dir, dtype=dtype, device=device)
-    loader.load_base()
-    memory = memory if memory is not None else StreamStats()
-    memory.base_param_bytes = memory.peak_param_bytes = _param_bytes(model)
+    shards = [_expert_shard(p, par) for p in parts]
 
     seq_len = calibration.shape[1]
     first_row, last_row = (0, calibration.shape[0])
@@ -259,42 +218,67 @@ def stream_profile(
         world=world,
         dtype=str(dtype),
     )
-    hidden = run.start(device, resume)
-    if hidden is None:
-        hidden = [layer_arguments(model, b.to(device))[0][0].to(hidden_home) for b in batches]
-    bar = tqdm(total=(len(parts) - run.done) * tokens.numel(), desc=f"stream rank {rank}" if par else "stream",
-               unit="tok", unit_scale=True, disable=not progress or rank != 0, dynamic_ncols=True)
+    memory = memory if memory is not None else StreamStats()
     stats = run.stats
-    with run.timed():
-        for index in range(run.done, len(parts)):
-            p = parts[index]
-            layer_shard = None
-            if par and par.mode == "expert" and p.experts is not None:
-                num_global = p.experts.num_experts
-                start, end = _dist.split_range(num_global, rank, world)
-                layer_shard = ExpertShard(start, end - start, num_global)
-            layer = loader.load_layer(index, p, layer_shard)
-            resident = _param_bytes(model)
-            memory.layer_param_bytes.append(resident - memory.base_param_bytes)
-            memory.peak_param_bytes = max(memory.peak_param_bytes, resident)
-            handles = hook_layer(p, stats)
-            try:
-                with collecting(stats), torch.inference_mode():
-                    for b, batch in enumerate(batches):
-                        stats.token_offset = (first_row + b * batch_size) * seq_len
-                        _, args, kwargs = layer_arguments(model, batch.to(device))[index]
-                        out = layer(hidden[b].to(device), *args, **kwargs)
-                        hidden[b] = (out[0] if isinstance(out, tuple) else out).to(hidden_home)
-                        bar.update(batch.numel())
-            finally:
-                for h in handles:
-                    h.remove()
-                loader.free_layer(layer)
-            run.step_done(index + 1, hidden)
-    bar.close()
+    with LayerLoader(model, model_dir, dtype=dtype, device=device, background=prefetch) as loader:
+        loader.load_base()
+        memory.base_param_bytes = memory.peak_param_bytes = _param_bytes(model)
+        resumed = run.start(device, resume)
+        shared: list[torch.Tensor] = []
+        arguments: list[LayerArguments] = []
+        hidden: list[torch.Tensor] = []
+        for batch in batches:
+            embeddings, args = layer_arguments(model, batch.to(device), shared)
+            arguments.append(args)
+            if resumed is None:
+                hidden.append(embeddings.to(hidden_home))
+            del embeddings
+        hidden = resumed if resumed is not None else hidden
+        memory.base_rss_bytes = _rss_bytes()
+        if run.done < len(parts):
+            loader.prefetch(run.done, parts[run.done], shards[run.done])
+        bar = tqdm(total=(len(parts) - run.done) * tokens.numel(), desc=f"stream rank {rank}" if par else "stream",
+                   unit="tok", unit_scale=True, disable=not progress or rank != 0, dynamic_ncols=True)
+        with run.timed():
+            for index in range(run.done, len(parts)):
+                p = parts[index]
+                layer = loader.load_layer(index, p, shards[index])
+                handles = []
+                try:
+                    if index + 1 < len(parts):
+                        loader.prefetch(index + 1, parts[index + 1], shards[index + 1])
+                    memory.layer_param_bytes.append(loader.layer_bytes(layer))
+                    memory.peak_param_bytes = max(memory.peak_param_bytes, _param_bytes(model))
+                    handles = hook_layer(p, stats)
+                    with collecting(stats), torch.inference_mode():
+                        for b, batch in enumerate(batches):
+                            stats.token_offset = (first_row + b * batch_size) * seq_len
+                            args, kwargs = arguments[b].per_layer[index]
+                            out = layer(hidden[b].to(device), *args, **kwargs)
+                            hidden[b] = (out[0] if isinstance(out, tuple) else out).to(hidden_home)
+                            bar.update(batch.numel())
+                finally:
+                    for h in handles:
+                        h.remove()
+                    loader.free_layer(layer)
+                run.step_done(index + 1, hidden)
+        bar.close()
+        memory.peak_held_bytes = loader.held.peak
+        layers_read = [f"layer {i}" for i in range(run.done, len(parts))]
+        memory.read_seconds = [loader.read_seconds[w] for w in layers_read]
+        memory.wait_seconds = [loader.wait_seconds[w] for w in layers_read]
 
     if par is not None:
         _dist.reduce_stats(stats, par)
     if rank != 0:
         return None
     return run.result(**describe_model(model, parts))
+
+
+def _expert_shard(p: LayerParts, par) -> ExpertShard | None:
+    """The experts of layer `p` this rank holds under expert parallel (None: all)."""
+    if not (par and par.mode == "expert" and p.experts is not None):
+        return None
+    num_global = p.experts.num_experts
+    start, end = _dist.split_range(num_global, par.rank, par.world)
+    return ExpertShard(start, end - start, num_global)
