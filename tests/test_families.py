@@ -249,9 +249,11 @@ def test_pruning_by_skipping_equals_zeroed_weights(saved):
     torch.testing.assert_close(restored, original, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["llama4", "longcat_flash", "jetmoe"])
+@pytest.mark.parametrize("family", ["llama4", "longcat_flash", "jetmoe", "dbrx", "step3p7"])
 def test_streaming_equals_in_memory(family, tmp_path):
-    """Layer streaming finds the same layers and runs the adapter, one layer resident at a time."""
+    """Layer streaming finds the same layers and runs the adapter, one layer resident at a time
+    (DBRX: its checkpoint names the layers ``transformer.blocks.N``; Step3p7: an
+    image-text-to-text class)."""
     from superexperts.streaming import StreamStats, stream_profile
 
     superexperts.register()
@@ -267,6 +269,20 @@ def test_streaming_equals_in_memory(family, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     assert streamed.structure == in_memory.structure
     assert memory.peak_param_bytes < sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_expert_parallel_is_refused_for_adapter_families_before_loading(tmp_path, monkeypatch):
+    """An adapter cannot hold a share of a layer's experts: `--parallel expert` on such a family
+    is refused, naming the way that works, before any layer is read."""
+    from superexperts import distributed, loading
+    from superexperts.streaming import stream_profile
+
+    superexperts.register()
+    build_model("jetmoe").save_pretrained(tmp_path)
+    monkeypatch.setattr(distributed, "init", lambda mode, device, timeout_s: distributed.Parallel(mode, 0, 2))
+    monkeypatch.setattr(loading.LayerLoader, "load_layer", lambda *a, **k: pytest.fail("a layer was read"))
+    with pytest.raises(ValueError, match=r"--parallel expert: .*adapter.*use --parallel data"):
+        stream_profile(tmp_path, tokens(2, 12), dtype="float32", parallel="expert", progress=False)
 
 
 def test_longcat_identity_experts_are_not_prunable(tmp_path):

@@ -27,7 +27,12 @@ from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+def layer_key_pattern(layers_name: str = "layers") -> re.Pattern:
+    """Checkpoint keys of decoder layer N: ``... .<layers_name>.N. ...`` (``layers`` in most
+    families, ``blocks`` in DBRX's ``transformer.blocks.N``)."""
+    return re.compile(rf"(?:^|\.){re.escape(layers_name)}\.(\d+)\.")
+
+
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 SCALE_SUFFIX = "_scale_inv"
 WINDOW_BYTES = 64 << 20
@@ -51,7 +56,7 @@ class CheckpointReader:
     A reader may be used from two threads (a background reader and the caller).
     """
 
-    def __init__(self, model_dir: str | Path, *, window_bytes: int = WINDOW_BYTES):
+    def __init__(self, model_dir: str | Path, *, window_bytes: int = WINDOW_BYTES, layers_name: str = "layers"):
         self.dir = Path(model_dir)
         index = self.dir / INDEX_FILE
         if index.is_file():
@@ -66,8 +71,9 @@ class CheckpointReader:
         self.window_bytes = window_bytes
         self.layer_keys: dict[int, list[str]] = defaultdict(list)
         self.other_keys: list[str] = []
+        layer_key = layer_key_pattern(layers_name)
         for key in weight_map:
-            m = _LAYER.search(key)
+            m = layer_key.search(key)
             if m:
                 self.layer_keys[int(m.group(1))].append(key)
             else:

@@ -286,13 +286,12 @@ def cmd_protect(args) -> int:
     experts, model_meta = read_report(args.report, "--report")
     if args.model:
         import torch
-        from transformers import AutoModelForCausalLM
 
-        from .loading import check_model_dir
+        from .loading import auto_model_class, check_model_dir
 
         config = check_model_dir(args.model)
         with torch.device("meta"):
-            names = names_from_model(AutoModelForCausalLM.from_config(config))
+            names = names_from_model(auto_model_class(config).from_config(config))
     elif model_meta is None:
         raise ValueError(f"--report: {args.report} is the authors' list, which does not name the model's modules: pass --model")
     else:

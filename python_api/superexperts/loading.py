@@ -25,7 +25,7 @@ from torch import nn
 from .checkpoint import CheckpointReader
 from .conversion import LayerPlan, plan_layer
 from .families import refusal_of, supported_model_types
-from .layers import LayerParts, decoder_layers, find_layers, tag, text_config
+from .layers import LayerParts, find_decoder_layers, find_layers, tag, text_config
 
 if TYPE_CHECKING:
     from .distributed import ExpertShard
@@ -144,15 +144,25 @@ def _quantization(config) -> str | None:
     return str(getattr(method, "value", method))
 
 
+def auto_model_class(config):
+    """The transformers auto class that builds `config`'s model with its language-model head:
+    ``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for the multimodal families
+    that have no causal-LM class (Step3p7)."""
+    import transformers
+
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    raise ValueError(f"--model: transformers has no causal-LM or image-text-to-text class for {config.model_type!r}")
+
+
 def _from_pretrained(model_dir, dtype: str, device: str):
     """transformers' own loading (for quantization formats other than FP8 block scales, which
     transformers dequantizes itself)."""
-    from transformers import AutoModelForCausalLM
-
     from .integration import register
 
     register()
-    model = AutoModelForCausalLM.from_pretrained(
+    model = auto_model_class(check_model_dir(model_dir)).from_pretrained(
         model_dir, dtype=resolve_dtype(model_dir, dtype), experts_implementation="superexperts",
         attn_implementation="superexperts_sink",
     )
@@ -220,7 +230,7 @@ def load_tokenizer(model_dir: str | Path):
 def build_skeleton(model_dir: str | Path, *, dtype: torch.dtype, device: torch.device):
     """The model on the meta device, but for its non-persistent buffers (rotary tables), which
     are computed on `device` as transformers' own init does."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from .integration import register
 
@@ -232,7 +242,7 @@ def build_skeleton(model_dir: str | Path, *, dtype: torch.dtype, device: torch.d
             raise ValueError(f"--model: quantization {method!r} is not supported by layer streaming (FP8 block scales are)")
         del config.quantization_config  # dequantized on load by CheckpointReader
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
+        model = auto_model_class(config).from_config(
             config, dtype=dtype, experts_implementation="superexperts", attn_implementation="superexperts_sink"
         )
     materialize_buffers(model, device)
@@ -309,12 +319,13 @@ class LayerLoader:
         from transformers.conversion_mapping import get_model_conversion_mapping
 
         self.model = model
-        self.reader = CheckpointReader(model_dir)
+        layers_path, self.layers = find_decoder_layers(model)
+        # Checkpoint keys name the layer list as the model does ("layers", DBRX's "blocks").
+        self.reader = CheckpointReader(model_dir, layers_name=layers_path.rpartition(".")[2])
         self.dtype = dtype
         self.device = torch.device(device)
         self.mapping = get_model_conversion_mapping(model)
         self.dtype_plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
-        self.layers = decoder_layers(model)
         self.in_place = in_place
         self.held = HeldBytes()
         self.read_seconds: dict[str, float] = {}  # part ("layer 3") -> seconds its read took

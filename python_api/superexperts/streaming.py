@@ -191,6 +191,13 @@ def stream_profile(
     model = build_skeleton(model_dir, dtype=dtype, device=device)
     check_token_ids(calibration, model.get_input_embeddings().num_embeddings)
     parts = find_layers(model)
+    adapted = sorted({type(p.experts).__name__ for p in parts if p.adapter is not None})
+    if par and par.mode == "expert" and adapted:
+        raise ValueError(
+            f"--parallel expert: the experts of {model.config.model_type} ({', '.join(adapted)}) are run through an "
+            "adapter (outside transformers' ExpertsInterface), which cannot hold a share of a layer's experts; "
+            "use --parallel data"
+        )
     shards = [_expert_shard(p, par) for p in parts]
 
     seq_len = calibration.shape[1]
