@@ -5,7 +5,8 @@
   ``attn_implementation="superexperts_sink"`` known to transformers;
 - `our_implementations`: run a model on them inside a block, whatever it used before
   (families of `superexperts.adapters`: their experts module's forward is replaced inside
-  the block, as transformers cannot dispatch it);
+  the block, as transformers cannot dispatch it; the decoder layers' dense projections go
+  through the native GEMMs where those are faster, `superexperts.dense`);
 - `hook_layer`: forward hooks recording one layer's shared/dense down_proj and its output
   hidden states (the routed experts and attention record from inside their implementations;
   an adapter family's experts forward is installed for the layer too);
@@ -27,7 +28,8 @@ from . import adapters as _adapters
 from . import attention as _attention
 from . import experts as _experts
 from .collector import DENSE, SHARED, StatsCollector, collecting
-from .layers import LayerParts, describe_structure, find_layers, tag, text_config
+from .dense import fast_dense_linears
+from .layers import LayerParts, decoder_layers, describe_structure, find_layers, tag, text_config
 
 
 def register() -> None:
@@ -50,7 +52,8 @@ def our_implementations(model: torch.nn.Module, *, attention: bool = True) -> It
     if any(_adapters.adapter_for(m) is not None for m in model.modules()):
         adapted = [AdapterHandle(p) for p in find_layers(model) if p.adapter is not None]
     try:
-        yield
+        with fast_dense_linears(decoder_layers(model)):
+            yield
     finally:
         for handle in adapted:
             handle.remove()

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import distributed as _dist
 from .calibration import check_sink_tokens, check_token_ids
 from .collector import collecting
+from .dense import fast_dense_linears
 from .distributed import ExpertShard
 from .integration import describe_model, hook_layer
 from .layers import LayerParts, decoder_layers, find_layers
@@ -257,7 +258,7 @@ def stream_profile(
                     memory.layer_param_bytes.append(loader.layer_bytes(layer))
                     memory.peak_param_bytes = max(memory.peak_param_bytes, _param_bytes(model))
                     handles = hook_layer(p, stats)
-                    with collecting(stats), torch.inference_mode():
+                    with collecting(stats), torch.inference_mode(), fast_dense_linears(layer):
                         for b, batch in enumerate(batches):
                             stats.token_offset = (first_row + b * batch_size) * seq_len
                             args, kwargs = arguments[b].per_layer[index]
