@@ -109,3 +109,23 @@ def test_profile_uses_it_where_it_pays_and_finds_the_same_super_experts(monkeypa
     assert set(a) == set(b)
     for key in (k for k in a if k.endswith("out_absmax")):
         torch.testing.assert_close(a[key], b[key], rtol=3e-2, atol=3e-2)
+
+
+@requires_native
+def test_modules_still_on_meta_are_switched_and_run_once_loaded():
+    """A model loading in the background enters `profile` with its layers on the meta device:
+    they are switched where the CPU pays, and run through the op once their weights arrive."""
+    with torch.device("meta"):
+        seq = nn.Sequential(nn.Linear(40, 24), nn.Linear(24, 8)).to(torch.bfloat16)
+    want = 2 if dense.pays(torch.bfloat16, torch.device("cpu")) else 0
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 40, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        with dense.fast_dense_linears(seq) as switched:
+            assert switched == want
+            for m in seq:  # "loaded": real parameters replace the meta ones
+                m.weight = nn.Parameter(torch.randn(m.out_features, m.in_features, generator=g).to(torch.bfloat16))
+                m.bias = nn.Parameter(torch.randn(m.out_features, generator=g).to(torch.bfloat16))
+            fast = seq(x)
+        plain = seq(x)
+    torch.testing.assert_close(fast.float(), plain.float(), **TOL[torch.bfloat16])

@@ -79,9 +79,12 @@ def fast_dense_linears(module: nn.Module, *, enabled: bool | None = None) -> Ite
     """Run the plain `nn.Linear` modules below `module` through the native op inside the block
     (see the module docstring); yields how many were switched. ``enabled=None``: where it
     `pays` for the dtype and device of the first such module's weight; True/False force it."""
-    linears = [m for m in _linears(module) if m.weight.device.type != "meta"]
+    linears = _linears(module)
     if enabled is None:
-        enabled = bool(linears) and pays(linears[0].weight.dtype, linears[0].weight.device)
+        # Weights still on the meta device (a model loading in the background) take the device
+        # of those already read; each call checks its weight's device again.
+        device = next((p.device for p in module.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        enabled = bool(linears) and pays(linears[0].weight.dtype, device)
     if not enabled:
         yield 0
         return
