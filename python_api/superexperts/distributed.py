@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import re
 from collections.abc import Iterator
@@ -125,8 +126,13 @@ def process_group(timeout_s: float, checkpoint_dir: str | None) -> Iterator[None
             raise
         raise DistributedFailure(_failure_message(e, timeout_s, checkpoint_dir)) from e
     finally:
+        global _side
         if dist.is_initialized():
             dist.destroy_process_group()
+        # Release the groups now, not in the interpreter's teardown (where a gloo group's
+        # destructor, joining its threads, can abort the process).
+        _side = None
+        gc.collect()
 
 
 def _failure_message(error: Exception, timeout_s: float, checkpoint_dir: str | None) -> str:
