@@ -1,5 +1,7 @@
 """MoE families whose experts bypass transformers' ExpertsInterface (superexperts.adapters), the
 families refused, and the `superexperts families` inventory of the installed transformers.
+(LongCat-Flash and Step3p7 run on the ExpertsInterface from transformers 5.24 on; the same tests
+hold there.)
 
 Each adapter family: a tiny model saved as safetensors and loaded back through its Auto class;
 outputs equal the family's own forward, every statistic equals a per-expert loop written here in
@@ -25,6 +27,12 @@ from superexperts.layers import find_layers
 ROOT = Path(__file__).resolve().parents[1]
 EAGER = dict(attn_implementation="eager")
 ADAPTED = ["llama4", "dbrx", "longcat_flash", "jetmoe", "step3p7"]
+
+
+def _through_interface(family: str) -> bool:
+    """Whether the installed transformers runs `family`'s experts through its ExpertsInterface
+    (LongCat-Flash and Step3p7 from transformers 5.24 on) rather than their own forward."""
+    return fam.classify(family, fam.scan_family(family))[0] == fam.INTERFACE
 
 
 # ----------------------------------------------------------------------------- per family, in plain torch
@@ -83,7 +91,10 @@ def _top_k_family(family):
         def forward(hidden_states, top_k_index, top_k_weights):
             h = hidden_states.reshape(-1, hidden_states.shape[-1])
             out = torch.zeros_like(h)
-            routed = ex.num_routed_experts if family == "longcat_flash" else ex.num_experts
+            routed = getattr(ex, "num_routed_experts", ex.num_experts)
+            # A slot of weight 0 adds nothing: LongCat-Flash on the ExpertsInterface sends its identity
+            # experts' slots to real experts with weight 0.
+            top_k_index = torch.where(top_k_weights == 0, -1, top_k_index)
 
             def run(e, token, slot):
                 x = h[token]
@@ -92,7 +103,7 @@ def _top_k_family(family):
                     act = F.silu(x @ w1.T) * (x @ v1.T)
                     return act, act @ w2
                 gate, up = (x @ ex.gate_up_proj[e].T).chunk(2, dim=-1)
-                if family == "step3p7":
+                if family == "step3p7" and ex.limit is not None:
                     act = F.silu(gate).clamp(max=ex.limit) * up.clamp(min=-ex.limit, max=ex.limit)
                 else:
                     act = F.silu(gate) * up
@@ -100,7 +111,7 @@ def _top_k_family(family):
 
             for _, token, slot, y in _loop(routed, top_k_index, run, record):
                 out.index_add_(0, token, y * top_k_weights[token, slot, None])
-            if family == "longcat_flash":  # identity experts: output = input
+            if hasattr(ex, "total_experts"):  # LongCat's identity experts in its own forward: output = input
                 for e in range(routed, ex.total_experts):
                     token, slot = torch.where(top_k_index == e)
                     out.index_add_(0, token, h[token] * top_k_weights[token, slot, None])
@@ -159,10 +170,11 @@ def test_discovery_and_structure(saved):
     model = _load(family, path)
     parts = find_layers(model)
     moe = [p for p in parts if p.is_moe]
-    assert moe and all(p.adapter is not None and p.adapter.family == family for p in moe)
+    interface = _through_interface(family)
+    assert moe and all(p.adapter is None if interface else p.adapter.family == family for p in moe)
     assert all(len(p.attention) == (2 if family == "longcat_flash" else 1) for p in parts)
     structure = superexperts.integration.describe_model(model, parts)["structure"]
-    assert structure["routed_experts"]["runs_through"] == f"adapter {family}"
+    assert structure["routed_experts"]["runs_through"] == ("ExpertsInterface" if interface else f"adapter {family}")
     assert structure["routed_experts"]["routing_weight"] == ("input" if family == "llama4" else "output")
     if family == "longcat_flash":  # num_hidden_layers counts the two attention sublayers of each layer
         assert model.config.num_hidden_layers == 2 * len(parts) == 4
@@ -188,7 +200,7 @@ def test_outputs_equal_eager_through_the_op(saved, monkeypatch):
             ours = model(ids).logits
         again = model(ids).logits
     parts = [p for p in find_layers(model) if p.is_moe]
-    ups = len(parts[0].adapter.up)
+    ups = 1 if parts[0].adapter is None else len(parts[0].adapter.up)
     assert calls == ([(False, False)] * ups + [(True, False)]) * len(parts)
     torch.testing.assert_close(ours, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(again, eager, rtol=0, atol=0)  # the family's forward is back
@@ -325,8 +337,10 @@ def test_every_moe_family_of_the_installed_transformers_is_classified():
     rows = fam.families()
     assert fam.unclassified() == []
     state = {f.model_type: f.state for f in rows}
-    for model_type in ("llama4", "llama4_text", "dbrx", "longcat_flash", "jetmoe", "step3p7"):
+    for model_type in ("llama4", "llama4_text", "dbrx", "jetmoe"):
         assert state[model_type] == fam.ADAPTER
+    for model_type in ("longcat_flash", "step3p7"):
+        assert state[model_type] == (fam.INTERFACE if _through_interface(model_type) else fam.ADAPTER)
     for model_type in ("nllb-moe", "switch_transformers", "doge"):
         assert state[model_type] == fam.REFUSED
     for model_type in ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe", "olmoe"):
@@ -336,6 +350,16 @@ def test_every_moe_family_of_the_installed_transformers_is_classified():
     for model_type in ("bamba", "cosmos3_omni", "cosmos3_edge", "seamless_m4t", "llama4_vision_model"):
         assert model_type not in state
     assert set(fam.supported_model_types()) >= {"llama4_text", "dbrx", "qwen3_moe"}
+
+
+def test_one_model_types_check_agrees_with_the_whole_list():
+    """`is_supported` (what loading checks, reading one family's files) says what the whole
+    list says, for every model type transformers knows and for unknown ones."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    supported = set(fam.supported_model_types())
+    assert {t for t in CONFIG_MAPPING_NAMES if fam.is_supported(t)} == supported
+    assert not fam.is_supported("no_such_model")
 
 
 def test_a_new_moe_family_is_unclassified():

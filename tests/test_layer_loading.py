@@ -314,13 +314,45 @@ def test_load_model_in_background_profiles_the_same(checkpoint, monkeypatch):
     upfront, _ = load_model(path, dtype="float32", device="cpu")
     want = superexperts.profile(upfront, ids, progress=False)
     threads = _reading_threads(monkeypatch)
+    calls = []
     with load_model_in_background(path, dtype="float32", device="cpu") as (model, _):
+        for i, layer in enumerate(decoder_layers(model)):
+            layer.register_forward_pre_hook(lambda m, a, i=i: calls.append((i, a[0].shape[0])))
         got = superexperts.profile(model, ids, progress=False)
     same_stats(got, want)
+    # While the layers were being read, every batch went through a layer before the next one.
+    layers = len(decoder_layers(model))
+    assert [i for i, _ in calls] == [i for i in range(layers) for _ in range(3)]
     layer_readers = {n for key, names in threads.items() if ".layers." in key for n in names}
     assert {n.split("_")[0] for n in layer_readers} == {"superexperts-read"}
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert not [t for t in threading.enumerate() if t.name.startswith("superexperts-read")]
+
+
+@pytest.mark.parametrize("batches_layer_major", [1, 2])
+def test_background_profile_runs_the_batches_over_the_hidden_budget_batch_by_batch(batches_layer_major, monkeypatch, tmp_path):
+    """Only the batches whose hidden states fit the budget run layer by layer; the rest (ragged
+    last batch included) run batch by batch once the layers are in, with the same stats."""
+    from superexperts import profiler
+    from superexperts.loading import layers_loading, load_model, load_model_in_background
+
+    path = _save("qwen3_moe", tmp_path / "ckpt")
+    ids = tokens(5, 16)
+    upfront, _ = load_model(path, dtype="float32", device="cpu")
+    want = superexperts.profile(upfront, ids, batch_size=2, progress=False)
+    hidden_size = upfront.config.hidden_size
+    monkeypatch.setattr(profiler, "LAYER_MAJOR_HIDDEN_BYTES", batches_layer_major * 2 * 16 * hidden_size * 4)
+    calls = []
+    with load_model_in_background(path, dtype="float32", device="cpu") as (model, _):
+        assert layers_loading(model)
+        for i, layer in enumerate(decoder_layers(model)):
+            layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
+        got = superexperts.profile(model, ids, batch_size=2, progress=False)
+        assert not layers_loading(model)
+    same_stats(got, want)
+    layers = list(range(len(decoder_layers(model))))
+    rest = 3 - batches_layer_major
+    assert calls == [i for i in layers for _ in range(batches_layer_major)] + layers * rest
 
 
 def test_leaving_background_loading_early_cancels_the_reads(checkpoint):

@@ -129,6 +129,9 @@ REFUSED: dict[str, str] = {
     "switch_transformers": _ENCODER_DECODER.format(what="Switch Transformers, T5-style, capacity-limited top-1 routing"),
     "doge": "Doge's CDMoE experts are single neurons retrieved by product keys (rows of down_embed/up_embed, a "
     "PEER-style layer), not expert MLPs: there is no per-expert down_proj matrix to measure",
+    "pi05": "PI0.5 is a vision-language-action model: its action expert (PI05ActionExpertModel) is a second "
+    "transformer that denoises robot actions beside the vision-language one, not routed MoE experts: there is no "
+    "router and no per-expert down_proj to measure",
     "vitpose_backbone": "vision pose backbone: its experts are picked per dataset (dataset_index), not routed per "
     "token, and there is no language model to run calibration text through",
 }

@@ -15,6 +15,9 @@ is told not to read them back (no host sync per call).
 
 The module's `superexperts.layers.ModuleTag` carries the rest:
 
+Slots of routing weight 0 (LongCat-Flash's identity experts, sent to real experts with weight 0)
+are not computed and not counted.
+
 - ``pruned`` (bool ``[E]``): experts skipped when routed; their rows are sent past
   ``offsets[-1]`` like expert-parallel sentinels, so they cost no GEMM and contribute zero.
   Nothing in the weights changes.
@@ -194,6 +197,9 @@ def superexperts_experts_forward(
     num_top_k = top_k_index.shape[-1]
     num_experts = self.num_experts  # held by this process
     ids = expert_ids(self, top_k_index, num_experts)
+    # A slot of routing weight 0 adds nothing to the output and is not routed: LongCat-Flash sends
+    # its identity ("zero-computation") experts' slots to real experts with weight 0.
+    ids = torch.where(top_k_weights.reshape(-1) == 0, num_experts, ids)
     token_of_row = torch.arange(ids.numel(), device=ids.device) // num_top_k
     y = grouped_rows(self, interface_math(self), hidden_states, token_of_row, ids, token_of_row, top_k_weights)
     weighted = _weighted_rows(y, ids, num_experts, top_k_weights)

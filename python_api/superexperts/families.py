@@ -73,21 +73,31 @@ def scan_source(source: str) -> _Scan:
     return _Scan(tuple(decorated), tuple(moe))
 
 
-@functools.lru_cache(maxsize=1)
-def moe_families() -> dict[str, _Scan]:
-    """``{family: scan}`` of every transformers model family with MoE classes."""
+def _models_dir() -> Path:
     import transformers
 
-    found: dict[str, _Scan] = {}
-    for path in sorted((Path(transformers.__file__).parent / "models").glob("*/modeling_*.py")):
+    return Path(transformers.__file__).parent / "models"
+
+
+@functools.lru_cache(maxsize=None)
+def scan_family(family: str) -> _Scan:
+    """The experts classes of one model family's modeling files (empty: no MoE classes)."""
+    decorated: tuple[str, ...] = ()
+    moe: tuple[str, ...] = ()
+    for path in sorted((_models_dir() / family).glob("modeling_*.py")):
         source = path.read_text(encoding="utf-8")
         if not any(word in source for word in _MOE_WORDS):  # parsing every file takes ~15 s
             continue
         scan = scan_source(source)
-        if scan.moe:
-            old = found.get(path.parent.name, _Scan((), ()))
-            found[path.parent.name] = _Scan(old.decorated + scan.decorated, old.moe + scan.moe)
-    return found
+        decorated, moe = decorated + scan.decorated, moe + scan.moe
+    return _Scan(decorated, moe)
+
+
+def moe_families() -> dict[str, _Scan]:
+    """``{family: scan}`` of every transformers model family with MoE classes (a few seconds:
+    every modeling file that names experts is parsed)."""
+    scans = {d.name: scan_family(d.name) for d in sorted(_models_dir().iterdir()) if d.is_dir()}
+    return {family: scan for family, scan in scans.items() if scan.moe}
 
 
 def _model_types() -> dict[str, list[str]]:
@@ -144,6 +154,17 @@ def supported_model_types() -> tuple[str, ...]:
 
     ok = {fam for fam, scan in moe_families().items() if classify(fam, scan)[0] in (INTERFACE, ADAPTER)}
     return tuple(sorted(t for t in CONFIG_MAPPING_NAMES if model_type_to_module_name(t) in ok))
+
+
+def is_supported(model_type: str) -> bool:
+    """Whether `model_type` is in `supported_model_types` (reading its own family's files only)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        return False
+    family = model_type_to_module_name(model_type)
+    scan = scan_family(family)
+    return bool(scan.moe) and classify(family, scan)[0] in (INTERFACE, ADAPTER)
 
 
 def refusal_of(model_type: str) -> str | None:

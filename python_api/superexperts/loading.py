@@ -14,6 +14,7 @@ import contextlib
 import json
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,13 +25,16 @@ from torch import nn
 
 from .checkpoint import CheckpointReader
 from .conversion import LayerPlan, plan_layer
-from .families import refusal_of, supported_model_types
+from .families import is_supported, refusal_of, supported_model_types
 from .layers import LayerParts, find_decoder_layers, find_layers, tag, text_config
 
 if TYPE_CHECKING:
     from .distributed import ExpertShard
 
 _FUSED_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
+
+# Models that `load_model_in_background` is still filling: model -> {layer index: its hook}.
+_LOADING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,11 +55,11 @@ def check_model_dir(model_dir: str | Path):
         raise ValueError(f"--model: {path / 'config.json'} cannot be read as a transformers config ({e})") from None
     check_shards(path)
     model_type = getattr(text_config(config), "model_type", None) or config.model_type
-    supported = supported_model_types()
-    if model_type not in supported and config.model_type not in supported:
+    if not (is_supported(model_type) or is_supported(config.model_type)):
         reason = refusal_of(config.model_type)
         if reason is not None:
             raise ValueError(f"--model: {reason}")
+        supported = supported_model_types()
         raise ValueError(
             f"--model: unsupported architecture {config.model_type!r}: superexperts profiles MoE models whose experts "
             "transformers runs through its ExpertsInterface or that superexperts.adapters declares. Supported model "
@@ -196,11 +200,19 @@ def load_model_in_background(model_dir: str | Path, *, dtype: str = "auto", devi
             return hook
 
         handles = {p.index: p.layer.register_forward_pre_hook(arrive(p)) for p in parts}
+        _LOADING[model] = handles
         try:
             yield model.eval(), load_tokenizer(model_dir)
         finally:
+            _LOADING.pop(model, None)
             for h in handles.values():
                 h.remove()
+
+
+def layers_loading(model: nn.Module) -> bool:
+    """Whether some decoder layers of `model` are still being read by `load_model_in_background`
+    (they arrive at their first forward)."""
+    return bool(_LOADING.get(model))
 
 
 @contextlib.contextmanager

@@ -6,6 +6,10 @@ user loaded with any implementation works. Shared experts and dense MLPs are mea
 one forward hook on their ``down_proj``; massive activations by one hook per decoder
 layer (`superexperts.integration`). All statistics stream into a `StatsCollector` on the
 model's device.
+
+A model still loading in the background (`superexperts.loading.load_model_in_background`) runs
+its first batches layer by layer, so that computing a layer hides reading the next; the rest,
+batch by batch.
 """
 
 from __future__ import annotations
@@ -16,8 +20,14 @@ import torch
 
 from .calibration import check_sink_tokens, check_token_ids
 from .integration import as_batches, describe_model, hook_layer, moe_layers, our_implementations, run_batches
+from .loading import layers_loading
 from .result import ProfileResult
+from .streaming import run_layer_major
 from .sweep import ProfileRun, model_identity
+
+# While a model's layers are still being read (`superexperts.loading.load_model_in_background`),
+# the first batches run layer by layer, their hidden states held between layers up to this size.
+LAYER_MAJOR_HIDDEN_BYTES = 1 << 29
 
 
 def profile(
@@ -68,8 +78,13 @@ def profile(
     handles = [h for p in parts for h in hook_layer(p, run.stats)]
     try:
         with run.timed(), our_implementations(model):
+            done = run.done
+            if done == 0 and layers_loading(model):
+                done = run_layer_major(model, calibration, run.stats, batch_size=batch_size,
+                                       max_hidden_bytes=LAYER_MAJOR_HIDDEN_BYTES, progress=progress)
+                run.step_done(done)
             run_batches(model, calibration, run.stats, batch_size=batch_size, progress=progress,
-                        skip_batches=run.done, on_batch_done=run.step_done)
+                        skip_batches=done, on_batch_done=run.step_done)
     finally:
         for h in handles:
             h.remove()

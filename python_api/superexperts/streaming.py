@@ -147,6 +147,51 @@ def _share_equal(value, pool: list, seen: dict):
     return value
 
 
+def run_layer_major(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    stats,
+    *,
+    batch_size: int,
+    max_hidden_bytes: int,
+    progress: bool = True,
+) -> int:
+    """Run the first batches of ``tokens [N, L]`` int64 through `model`'s decoder layers layer by
+    layer: every batch through layer 0, then every batch through layer 1, and so on, with
+    `stats` collecting (for a model whose layers are still being read: computing layer l hides
+    the reading of the layers after it). As many batches are run as their hidden states
+    ``[B, L, H]`` fit in `max_hidden_bytes` (at least one). The token offsets are those of a
+    batch-by-batch run.
+
+    Returns the number of batches run.
+    """
+    device = next(model.parameters()).device
+    seq_len = tokens.shape[1]
+    shared: list[torch.Tensor] = []
+    hidden: list[torch.Tensor] = []
+    arguments: list[LayerArguments] = []
+    for batch in tokens.split(batch_size):
+        if hidden and (len(hidden) + 1) * hidden[0].nbytes > max_hidden_bytes:
+            break
+        embeddings, args = layer_arguments(model, batch.to(device), shared)
+        hidden.append(embeddings)
+        arguments.append(args)
+    layers = decoder_layers(model)
+    rows = sum(h.shape[0] for h in hidden)
+    bar = tqdm(total=len(layers) * rows * seq_len, desc="profile, layer by layer while loading", unit="tok",
+               unit_scale=True, disable=not progress, dynamic_ncols=True)
+    with collecting(stats), torch.inference_mode():
+        for index, layer in enumerate(layers):
+            for b in range(len(hidden)):
+                stats.token_offset = b * batch_size * seq_len
+                args, kwargs = arguments[b].per_layer[index]
+                out = layer(hidden[b], *args, **kwargs)
+                hidden[b] = out[0] if isinstance(out, tuple) else out
+                bar.update(hidden[b].shape[0] * seq_len)
+    bar.close()
+    return len(hidden)
+
+
 def stream_profile(
     model_dir: str | Path,
     calibration: torch.Tensor,
