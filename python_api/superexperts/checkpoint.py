@@ -35,7 +35,7 @@ def layer_key_pattern(layers_name: str = "layers") -> re.Pattern:
 
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 SCALE_SUFFIX = "_scale_inv"
-WINDOW_BYTES = 64 << 20
+WINDOW_BYTES = 16 << 20
 
 
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -179,7 +179,8 @@ def load_model_in_background(model_dir: str | Path, *, dtype: str = "auto", devi
     once the embeddings are in, while the decoder layers are read in order on a background
     thread; the first forward through a layer waits for it and puts it in place (until then its
     parameters are on the meta device: run a forward before touching them). Leaving the block
-    cancels the reads still in flight.
+    cancels the reads still in flight. `superexperts.profile` runs such a model's first batches
+    layer by layer (`layers_loading`), so that computing a layer hides reading the next.
 
         with load_model_in_background(path) as (model, tokenizer):
             result = superexperts.profile(model, tokens)
