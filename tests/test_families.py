@@ -352,13 +352,14 @@ def test_every_moe_family_of_the_installed_transformers_is_classified():
     assert set(fam.supported_model_types()) >= {"llama4_text", "dbrx", "qwen3_moe"}
 
 
-def test_one_model_types_check_agrees_with_the_whole_list():
-    """`is_supported` (what loading checks, reading one family's files) says what the whole
-    list says, for every model type transformers knows and for unknown ones."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+def test_one_model_types_check_agrees_with_the_inventory():
+    """`is_supported` (what loading checks, reading one family's files) supports exactly the
+    families the inventory (every models folder scanned) lists as ExpertsInterface or adapter."""
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
 
-    supported = set(fam.supported_model_types())
-    assert {t for t in CONFIG_MAPPING_NAMES if fam.is_supported(t)} == supported
+    listed = {f.family for f in fam.families() if f.state in (fam.INTERFACE, fam.ADAPTER)}
+    assert {model_type_to_module_name(t) for t in fam.supported_model_types()} == listed
+    assert all(fam.is_supported(f.model_type) == (f.family in listed) for f in fam.families())
     assert not fam.is_supported("no_such_model")
 
 

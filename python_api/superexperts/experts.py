@@ -13,10 +13,10 @@ token's top-1 row are counted here). Families whose routing weight scales the ex
 (Llama 4, ``expert_major``) give none: they record rows only. The offsets are a cumulative sum of row counts, valid by construction, so the op
 is told not to read them back (no host sync per call).
 
-The module's `superexperts.layers.ModuleTag` carries the rest:
-
 Slots of routing weight 0 (LongCat-Flash's identity experts, sent to real experts with weight 0)
 are not computed and not counted.
+
+The module's `superexperts.layers.ModuleTag` carries the rest:
 
 - ``pruned`` (bool ``[E]``): experts skipped when routed; their rows are sent past
   ``offsets[-1]`` like expert-parallel sentinels, so they cost no GEMM and contribute zero.

@@ -150,14 +150,14 @@ def unclassified() -> list[Family]:
 def supported_model_types() -> tuple[str, ...]:
     """Every model type (sub-configs included) of a family profiled through the ExpertsInterface
     or an adapter."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    ok = {fam for fam, scan in moe_families().items() if classify(fam, scan)[0] in (INTERFACE, ADAPTER)}
-    return tuple(sorted(t for t in CONFIG_MAPPING_NAMES if model_type_to_module_name(t) in ok))
+    return tuple(sorted(t for t in CONFIG_MAPPING_NAMES if is_supported(t)))
 
 
 def is_supported(model_type: str) -> bool:
-    """Whether `model_type` is in `supported_model_types` (reading its own family's files only)."""
+    """Whether `model_type`'s family is profiled through the ExpertsInterface or an adapter
+    (reading that family's files only)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
 
     if model_type not in CONFIG_MAPPING_NAMES:

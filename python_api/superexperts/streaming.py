@@ -177,19 +177,27 @@ def run_layer_major(
         hidden.append(embeddings)
         arguments.append(args)
     layers = decoder_layers(model)
+    offsets = [b * batch_size * seq_len for b in range(len(hidden))]
     rows = sum(h.shape[0] for h in hidden)
     bar = tqdm(total=len(layers) * rows * seq_len, desc="profile, layer by layer while loading", unit="tok",
                unit_scale=True, disable=not progress, dynamic_ncols=True)
     with collecting(stats), torch.inference_mode():
         for index, layer in enumerate(layers):
-            for b in range(len(hidden)):
-                stats.token_offset = b * batch_size * seq_len
-                args, kwargs = arguments[b].per_layer[index]
-                out = layer(hidden[b], *args, **kwargs)
-                hidden[b] = out[0] if isinstance(out, tuple) else out
-                bar.update(hidden[b].shape[0] * seq_len)
+            _run_layer(layer, index, hidden, arguments, stats, offsets, device=device, home=device, bar=bar)
     bar.close()
     return len(hidden)
+
+
+def _run_layer(layer: nn.Module, index: int, hidden: list[torch.Tensor], arguments: list[LayerArguments], stats,
+               token_offsets: list[int], *, device: torch.device, home: torch.device, bar) -> None:
+    """Decoder layer `index` on every batch: ``hidden[b] [B, L, H]`` (kept on `home`, run on
+    `device`) replaced by the layer's output, batch b's statistics at ``token_offsets[b]``."""
+    for b in range(len(hidden)):
+        stats.token_offset = token_offsets[b]
+        args, kwargs = arguments[b].per_layer[index]
+        out = layer(hidden[b].to(device), *args, **kwargs)
+        hidden[b] = (out[0] if isinstance(out, tuple) else out).to(home)
+        bar.update(hidden[b].shape[0] * hidden[b].shape[1])
 
 
 def stream_profile(
@@ -254,6 +262,7 @@ def stream_profile(
         first_row, last_row = _dist.split_range(calibration.shape[0], rank, world)
     tokens = calibration[first_row:last_row]
     batches = list(tokens.split(batch_size))
+    offsets = [(first_row + b * batch_size) * seq_len for b in range(len(batches))]
     hidden_home = torch.device("cpu") if offload_hidden else device
 
     run = ProfileRun(
@@ -304,12 +313,8 @@ def stream_profile(
                     memory.peak_param_bytes = max(memory.peak_param_bytes, _param_bytes(model))
                     handles = hook_layer(p, stats)
                     with collecting(stats), torch.inference_mode(), fast_dense_linears(layer):
-                        for b, batch in enumerate(batches):
-                            stats.token_offset = (first_row + b * batch_size) * seq_len
-                            args, kwargs = arguments[b].per_layer[index]
-                            out = layer(hidden[b].to(device), *args, **kwargs)
-                            hidden[b] = (out[0] if isinstance(out, tuple) else out).to(hidden_home)
-                            bar.update(batch.numel())
+                        _run_layer(layer, index, hidden, arguments, stats, offsets, device=device, home=hidden_home,
+                                   bar=bar)
                 finally:
                     for h in handles:
                         h.remove()
