@@ -401,7 +401,7 @@ class LayerLoader:
                     plan.fill(out, key, tensor)
                 else:
                     group = group_of[key]
-                    collected[id(group)][key] = tensor.to(plan.targets[group.first_target].dtype)
+                    collected[id(group)][key] = tensor.to(plan.targets[group.first_target].dtype, copy=True)
             key = None
             for group in plan.converted:
                 for name, t in plan.convert(self.model, group, collected.pop(id(group))).items():
