@@ -9,6 +9,9 @@ fresh process:
 
 - ``stream``: ``superexperts.streaming.stream_profile``: layer l+1 read (and fused) on a
   background thread while layer l computes; at most two layers held.
+- ``stream_serial``: the same without the background thread: each layer read when it is
+  needed, its read not hidden. Its time less its reads (``compute_s``) is what the computation
+  takes with no read beside it; against ``stream`` it shows what overlapping gains.
 - ``in_memory``: ``load_model`` (the whole model, read up front) then ``superexperts.profile``;
   its profile time (model already in memory) is what the streamed run is held to (<= 1.2x).
 - ``authors_stream``: their streaming (``bench/_authors.py``): per-expert modules loaded as
@@ -38,14 +41,16 @@ from .bench_profile_e2e import PLANTED, import_libraries, write_checkpoint
 MB = 2**20
 
 
-def run_stream(args, ids):
+def run_stream(args, ids, prefetch: bool = True):
     from superexperts.streaming import StreamStats, stream_profile
 
     memory = StreamStats()
+    start = time.perf_counter()
     result = stream_profile(args.model_dir, ids, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                            progress=False, memory=memory)
+                            progress=False, memory=memory, prefetch=prefetch)
     largest = max(memory.layer_param_bytes)
     extra = {
+        "compute_s": time.perf_counter() - start - sum(memory.wait_seconds),
         "layer_MB": largest / MB,
         "peak_held_layers": memory.peak_held_bytes / largest,
         "layer_read_s": [round(s, 3) for s in memory.read_seconds],
@@ -80,7 +85,8 @@ def run_authors_stream(args, ids):
 def child(args) -> dict:
     import_libraries(ours=args.method != "authors_stream")
     ids = calibration_ids(args)
-    run = {"stream": run_stream, "in_memory": run_in_memory, "authors_stream": run_authors_stream}[args.method]
+    run = {"stream": run_stream, "stream_serial": lambda a, i: run_stream(a, i, prefetch=False), "in_memory": run_in_memory,
+           "authors_stream": run_authors_stream}[args.method]
     return measure(args.method, lambda: run(args, ids), args)
 
 
@@ -104,6 +110,10 @@ def main(argv=None):
         summary["stream_over_in_memory_profile"] = stream_s / median_of(by["in_memory"], "profile_s")
         summary["stream_over_in_memory_with_load"] = stream_s / median_of(by["in_memory"], "seconds")
         summary["same_SEs"] = same_super_experts(by["stream"], by["in_memory"])
+    if "stream" in by and "stream_serial" in by:
+        summary["stream_over_stream_serial"] = median_of(by["stream"], "seconds") / median_of(by["stream_serial"], "seconds")
+        summary["stream_serial_compute_s"] = median_of(by["stream_serial"], "compute_s")
+        summary["stream_compute_s"] = median_of(by["stream"], "compute_s")
     if "stream" in by and "authors_stream" in by:
         summary["authors_stream_over_stream"] = median_of(by["authors_stream"], "seconds") / median_of(by["stream"], "seconds")
         summary["same_SEs_as_authors"] = same_super_experts(by["stream"], by["authors_stream"])

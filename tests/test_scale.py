@@ -126,14 +126,16 @@ def _free_port() -> int:
 def _rank(rank, world, port, path, out, mode):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import torch.distributed as dist
+    from superexperts.distributed import process_group
 
-    result = stream_profile(path, tokens(4, 16), dtype="float32", progress=False, parallel=mode)
+    # Left as the CLI leaves it: a gloo group released in the interpreter's teardown can abort
+    # the process ("terminate called without an active exception").
+    with process_group(timeout_s=120, checkpoint_dir=None):
+        result = stream_profile(path, tokens(4, 16), dtype="float32", progress=False, parallel=mode)
     if rank == 0:
         result.save(out)
     else:
         assert result is None
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("mode", ["expert", "data"])
