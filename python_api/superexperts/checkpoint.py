@@ -102,24 +102,10 @@ class CheckpointReader:
                 self.layer_keys[int(m.group(1))].append(key)
             else:
                 self.other_keys.append(key)
-        self._headers: dict[str, object] = {}
-        self._order: dict[str, dict[str, int]] = {}
-        self._entries: dict[str, dict[str, tuple[str, list[int], int, int]]] = {}
+        self._entries: dict[str, dict[str, tuple[str, list[int], int, int]]] = {}  # shard -> its header
         self._lock = threading.Lock()
         self.bytes_read = 0  # bytes of checkpoint tensors read so far
         self.direct_bytes = 0  # of which read past the page cache (`DirectReads`)
-
-    def _header(self, shard: str):
-        """A handle for `shard`'s header (shapes, order); its data pages are never touched."""
-        with self._lock:
-            if shard not in self._headers:
-                path = self.dir / shard
-                if not path.is_file():
-                    raise FileNotFoundError(f"{self.dir}: shard {shard} named in {INDEX_FILE} does not exist")
-                f = safe_open(str(path), "pt")
-                self._headers[shard] = f
-                self._order[shard] = {k: i for i, k in enumerate(f.offset_keys())}
-            return self._headers[shard]
 
     @staticmethod
     def _other_expert(key: str, expert_range: tuple[int, int] | None) -> bool:
@@ -138,30 +124,35 @@ class CheckpointReader:
 
     def shape(self, key: str, expert_range: tuple[int, int] | None = None, num_experts: int | None = None) -> tuple[int, ...]:
         """The shape `tensors` gives `key` (a sliced fused experts tensor: the slice's)."""
-        shape = self._header(self.weight_map[key]).get_slice(key).get_shape()
+        shape = list(self._entry(key)[1])
         if self._sliced(key, shape, expert_range, num_experts):
             shape[0] = expert_range[1] - expert_range[0]
         return tuple(shape)
 
     def _entry(self, key: str) -> tuple[str, list[int], int, int]:
-        """``(dtype, shape, start, end)`` of `key` from its shard's header: bytes ``[start, end)``
-        of the file."""
+        """``(dtype, shape, start, end)`` of `key` from its shard's header (read once; no data
+        page is touched): bytes ``[start, end)`` of the file."""
         shard = self.weight_map[key]
         with self._lock:
             entries = self._entries.get(shard)
         if entries is None:
-            fd = os.open(self.dir / shard, os.O_RDONLY)
+            path = self.dir / shard
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.dir}: shard {shard} named in {INDEX_FILE} does not exist")
+            fd = os.open(path, os.O_RDONLY)
             try:
                 if hasattr(os, "posix_fadvise"):  # no read-ahead into the tensors after the header
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
                 size = int.from_bytes(os.pread(fd, 8, 0), "little")
                 header = json.loads(os.pread(fd, size, 8))
+                entries = {
+                    k: (v["dtype"], v["shape"], 8 + size + v["data_offsets"][0], 8 + size + v["data_offsets"][1])
+                    for k, v in header.items() if k != "__metadata__"
+                }
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}: not a safetensors header ({e!r}); the shard is truncated or corrupt") from None
             finally:
                 os.close(fd)
-            entries = {
-                k: (v["dtype"], v["shape"], 8 + size + v["data_offsets"][0], 8 + size + v["data_offsets"][1])
-                for k, v in header.items() if k != "__metadata__"
-            }
             with self._lock:
                 self._entries[shard] = entries
         return entries[key]
@@ -180,9 +171,7 @@ class CheckpointReader:
 
     def file_order(self, keys: list[str]) -> list[str]:
         """`keys` sorted by shard and position in it (sequential reads)."""
-        for shard in {self.weight_map[k] for k in keys}:
-            self._header(shard)
-        return sorted(keys, key=lambda k: (self.weight_map[k], self._order[self.weight_map[k]][k]))
+        return sorted(keys, key=lambda k: (self.weight_map[k], self._entry(k)[2]))
 
     def tensors(
         self,
@@ -256,7 +245,7 @@ class CheckpointReader:
 
     def close(self) -> None:
         with self._lock:
-            self._headers.clear()
+            self._entries.clear()
 
 
 class _Window:
@@ -316,7 +305,7 @@ class DirectReads:
     def _submit(self, k: int) -> None:
         window = self._windows[k]
         fd = self._fds.get(window.shard)
-        if window.reads is not None or self._mapped[k] or fd is None:
+        if window.reads is not None or fd is None:
             return
         size = -(-(window.end - window.first) // _ALIGN) * _ALIGN
         fits = [i for i, b in enumerate(self._spare) if b.numel() >= size]
@@ -370,8 +359,6 @@ class DirectReads:
                 self._mapped[k] = True
                 return None
         window = self._windows[k]
-        if window.buffer is None:
-            return None
         _, start, end, dtype, shape = self.ranges[i]
         return window.buffer[start - window.first : end - window.first].view(dtype).view(shape)
 
