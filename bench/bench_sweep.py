@@ -8,7 +8,8 @@ each reads the disk, as it would a checkpoint bigger than the page cache. Each m
 fresh process:
 
 - ``stream``: ``superexperts.streaming.stream_profile``: layer l+1 read (and fused) on a
-  background thread while layer l computes; at most two layers held.
+  background thread while layer l computes, but for the held-back tail of its experts, read
+  once layer l is freed; at most two layers resident.
 - ``stream_serial``: the same without the background thread: each layer read when it is
   needed, its read not hidden. Its time less its reads (``compute_s``) is what the computation
   takes with no read beside it; against ``stream`` it shows what overlapping gains.
@@ -50,11 +51,13 @@ def run_stream(args, ids, prefetch: bool = True):
                             progress=False, memory=memory, prefetch=prefetch)
     largest = max(memory.layer_param_bytes)
     extra = {
-        "compute_s": time.perf_counter() - start - sum(memory.wait_seconds),
+        "compute_s": time.perf_counter() - start - sum(memory.wait_seconds) - sum(memory.tail_wait_seconds),
         "layer_MB": largest / MB,
         "peak_held_layers": memory.peak_held_bytes / largest,
         "layer_read_s": [round(s, 3) for s in memory.read_seconds],
         "layer_wait_s": [round(s, 3) for s in memory.wait_seconds],
+        "hold_back_MB": memory.hold_back_bytes / MB,
+        "layer_tail_wait_s": [round(s, 3) for s in memory.tail_wait_seconds],
     }
     if memory.base_rss_bytes is not None and torch.device(args.device).type == "cpu":
         extra["base_rss_MB"] = memory.base_rss_bytes / MB
@@ -122,7 +125,7 @@ def main(argv=None):
     print_table(rows, ["method", "seconds", "process_s", "peak_MB", "super_experts"])
     print(json.dumps(summary, indent=1))
     write_json(
-        f"sweep_{args.tokens}tok",
+        f"sweep_{args.layers}layers_{args.tokens}tok",
         {"layers": args.layers, "tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
          "dtype": args.dtype, "repeat": args.repeat, "page_cache": "warm" if args.warm else "dropped before each process",
          "authors_sleep_s": args.authors_sleep, "planted": PLANTED, "summary": summary, "results": rows},

@@ -79,6 +79,9 @@ PRUNE = ["prune-eval", "--model", "{model}", "--eval", "{calib}", "--seq-len", "
         (PROFILE + ["--rule", "std", "--k", "-2"], "k must be >= 0, got -2.0"),
         (PROFILE + ["--num-sink-tokens", "16"], "--num-sink-tokens 16 must be below --seq-len 16"),
         (PROFILE + ["--offload-hidden"], "--offload-hidden applies to layer streaming"),
+        (PROFILE + ["--hold-back-mb", "64"], "--hold-back-mb applies to layer streaming"),
+        (PROFILE + ["--stream", "--hold-back-mb", "-1"], "--hold-back-mb must be >= 0, got -1.0"),
+        (PROFILE + ["--stream", "--hold-back-mb", "nan"], "--hold-back-mb must be >= 0, got nan"),
         (PROFILE + ["--dist-timeout", "60"], "--dist-timeout applies to --parallel runs"),
     ],
 )

@@ -1,6 +1,8 @@
 """Layer loading for streaming: in-place fused conversion, the background reader, per-layer
 arguments computed once per batch, and the memory bound."""
 
+import math
+import re
 import threading
 
 import pytest
@@ -385,3 +387,171 @@ def test_other_quantizations_load_through_transformers(tmp_path, monkeypatch):
     assert all(torch.equal(model.state_dict()[k], v) and torch.equal(background.state_dict()[k], v) for k, v in want.items())
     with pytest.raises(ValueError, match="quantization 'mxfp4' is not supported by layer streaming"):
         build_skeleton(path, dtype=torch.float32, device=CPU)
+
+
+_EXPERT_KEY = re.compile(r"\.experts\.")
+
+
+def _read_order(monkeypatch) -> list[tuple[str, object]]:
+    """Record, in order, each checkpoint key read ("read", key) and each layer freed ("free", index)."""
+    events: list[tuple[str, object]] = []
+    real_tensors, real_free = CheckpointReader.tensors, LayerLoader.free_layer
+
+    def tensors(self, keys, **kwargs):
+        for key, tensor in real_tensors(self, keys, **kwargs):
+            events.append(("read", key))
+            yield key, tensor
+
+    def free_layer(self, layer):
+        real_free(self, layer)
+        events.append(("free", next(i for i, l in enumerate(self.layers) if l is layer)))
+
+    monkeypatch.setattr(CheckpointReader, "tensors", tensors)
+    monkeypatch.setattr(LayerLoader, "free_layer", free_layer)
+    return events
+
+
+@pytest.mark.parametrize("hold_back", [1, 3000, 1 << 40])
+def test_held_back_experts_are_read_after_the_layer_before_is_freed(checkpoint, monkeypatch, hold_back):
+    """With `hold_back`, the last expert tensors of layer l (file order, the fewest that hold
+    that many bytes) are read only once layer l-1 is freed, and the statistics are those of
+    reading each layer whole when it is needed."""
+    family, path = checkpoint
+    ids = tokens(3, 16)
+    want = stream_profile(path, ids, dtype="float32", progress=False, batch_size=2, prefetch=False)
+    events = _read_order(monkeypatch)
+    loaders = []
+    real_prefetch = LayerLoader.prefetch
+
+    def prefetch(self, *args, **kwargs):
+        loaders.append(self)
+        real_prefetch(self, *args, **kwargs)
+
+    monkeypatch.setattr(LayerLoader, "prefetch", prefetch)
+    memory = StreamStats()
+    got = stream_profile(path, ids, dtype="float32", progress=False, batch_size=2, hold_back=hold_back, memory=memory)
+    same_stats(got, want)
+    assert memory.hold_back_bytes == hold_back
+
+    reader = CheckpointReader(path)
+    held_back = loaders[0].held_back
+    per_expert = family in ("qwen3_moe", "mixtral", "deepseek_v3")  # every expert tensor copied into its place
+    for index in range(1, len(loaders[0].layers)):
+        tail = held_back.get(f"layer {index}", [])
+        experts = reader.file_order([k for k in reader.layer_keys[index] if _EXPERT_KEY.search(k)])
+        if per_expert and experts:
+            assert tail == experts[-len(tail):]
+        if not tail:
+            continue
+        freed = events.index(("free", index - 1))
+        read_before = {k for kind, k in events[:freed] if kind == "read"}
+        read_after = {k for kind, k in events[freed:] if kind == "read"}
+        assert not read_before & set(tail) and set(tail) <= read_after
+        sizes = [math.prod(reader.shape(k)) * 4 for k in tail]  # fp32
+        assert sum(sizes) >= hold_back or not per_expert or len(tail) == len(experts)
+        assert sum(sizes) - sizes[0] < hold_back
+    assert held_back or not per_expert
+
+
+def _layer_io(path, index):
+    """(embeddings-to-layer hidden states, the layer's other arguments, the layer's output) of
+    the full model for one batch."""
+    full = transformers.AutoModelForCausalLM.from_pretrained(
+        path, experts_implementation="superexperts", attn_implementation="superexperts_sink").eval()  # as the skeleton
+    ids = tokens(1, 16)
+    hidden, args = layer_arguments(full, ids)
+    with torch.inference_mode():
+        layers = decoder_layers(full)
+        for i in range(index):
+            out = layers[i](hidden, *args.per_layer[i][0], **args.per_layer[i][1])
+            hidden = out[0] if isinstance(out, tuple) else out
+        out = layers[index](hidden, *args.per_layer[index][0], **args.per_layer[index][1])
+    return ids, hidden, args.per_layer[index], out[0] if isinstance(out, tuple) else out
+
+
+def test_a_layer_whose_held_back_experts_wait_for_an_installed_layer_refuses_to_run(tmp_path):
+    """Running a layer before freeing the one its held-back tensors wait for is an error, not a
+    deadlock; once that layer is freed, the layer runs and gives the full model's output."""
+    path = _save("qwen3_moe", tmp_path / "ckpt")
+    ids, hidden, (args, kwargs), want = _layer_io(path, 1)
+    model = build_skeleton(path, dtype=torch.float32, device=CPU)
+    parts = find_layers(model)
+    with LayerLoader(model, path, dtype=torch.float32, device=CPU) as loader:
+        loader.load_base()
+        first = loader.load_layer(0, parts[0])
+        loader.prefetch(1, parts[1], hold_back=1)
+        second = loader.load_layer(1, parts[1])
+        with torch.inference_mode(), pytest.raises(RuntimeError, match=r"layer 1: its last 0 MB of expert tensors are read once the layers loaded before it are freed"):
+            second(hidden, *args, **kwargs)
+        loader.free_layer(first)
+        with torch.inference_mode():
+            out = second(hidden, *args, **kwargs)
+        assert torch.equal(out[0] if isinstance(out, tuple) else out, want)
+        assert loader.tail_wait_seconds["layer 1"] >= 0
+        loader.free_layer(second)
+    assert loader.held.now == 0
+
+
+def test_freeing_a_layer_whose_held_back_experts_were_never_read(tmp_path):
+    """A layer freed while its held-back tensors still wait: the wait ends, nothing leaks."""
+    path = _save("qwen3_moe", tmp_path / "ckpt")
+    model = build_skeleton(path, dtype=torch.float32, device=CPU)
+    parts = find_layers(model)
+    with LayerLoader(model, path, dtype=torch.float32, device=CPU) as loader:
+        first = loader.load_layer(0, parts[0])
+        loader.prefetch(1, parts[1], hold_back=1 << 40)
+        second = loader.load_layer(1, parts[1])
+        loader.free_layer(second)
+        loader.free_layer(first)
+        layer = loader.load_layer(1, parts[1])  # read again, whole
+        full = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        want = decoder_layers(full)[1].state_dict()
+        assert all(torch.equal(layer.state_dict()[k], w) for k, w in want.items())
+        loader.free_layer(layer)
+    assert loader.held.now == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith(("superexperts-read", "superexperts-reserve"))]
+
+
+def test_error_reading_held_back_experts_is_raised_by_their_forward(checkpoint, monkeypatch):
+    family, path = checkpoint
+    reader = CheckpointReader(path)
+    experts = reader.file_order([k for k in reader.layer_keys[2] if _EXPERT_KEY.search(k)])
+    real = CheckpointReader.tensors
+
+    def failing(self, keys, **kwargs):
+        for key, tensor in real(self, keys, **kwargs):
+            if key == experts[-1]:
+                raise OSError("disk went away")
+            yield key, tensor
+
+    monkeypatch.setattr(CheckpointReader, "tensors", failing)
+    with pytest.raises(LayerLoadError, match=rf"layer 2: reading {re.escape(experts[-1])} in \S+\.safetensors failed: OSError: disk went away"):
+        stream_profile(path, tokens(2, 16), dtype="float32", progress=False, hold_back=1)
+
+
+def test_reserved_buffers_are_filled_by_the_layers_read(checkpoint):
+    """`reserve` allocates (and faults in) a layer's buffers ahead; its read fills exactly
+    those, the layer equals from_pretrained's, and an unused reservation is released."""
+    family, path = checkpoint
+    full = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    model = build_skeleton(path, dtype=torch.float32, device=CPU)
+    parts = find_layers(model)
+    with LayerLoader(model, path, dtype=torch.float32, device=CPU) as loader:
+        loader.prefetch(0, parts[0])
+        loader.reserve(1, parts[1], hold_back=1)
+        loader.reserve(2, parts[2])
+        reserved = {t.data_ptr() for ts in loader._reserved["layer 1"].result().values() for t in ts}
+        first = loader.load_layer(0, parts[0])
+        loader.prefetch(1, parts[1], hold_back=1)
+        loader.free_layer(first)
+        second = loader.load_layer(1, parts[1])
+        got = {t.data_ptr() for t in [*second.parameters(), *second.buffers()] if t.numel()}
+        assert reserved and reserved <= got
+        ids, hidden, (args, kwargs), want = _layer_io(path, 1)
+        with torch.inference_mode():
+            out = second(hidden, *args, **kwargs)
+        assert torch.equal(out[0] if isinstance(out, tuple) else out, want)
+        for name, w in decoder_layers(full)[1].state_dict().items():
+            assert torch.equal(second.state_dict()[name], w), name
+        loader.free_layer(second)
+    assert loader.held.now == 0  # layer 2's reservation, never read, released by close

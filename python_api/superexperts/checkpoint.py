@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import pages
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 def layer_key_pattern(layers_name: str = "layers") -> re.Pattern:
@@ -309,11 +311,7 @@ class DirectReads:
             return
         size = -(-(window.end - window.first) // _ALIGN) * _ALIGN
         fits = [i for i, b in enumerate(self._spare) if b.numel() >= size]
-        if fits:
-            buffer = self._spare.pop(fits[0])
-        else:
-            raw = torch.empty(size + _ALIGN, dtype=torch.uint8)
-            buffer = raw[-raw.data_ptr() % _ALIGN :][:size]
+        buffer = self._spare.pop(fits[0]) if fits else pages.mapped(size)
         window.buffer = buffer
         array = buffer.numpy()
         window.reads = [

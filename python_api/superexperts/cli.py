@@ -114,6 +114,11 @@ def _check_profile_args(args, config) -> Rule:
 
     if args.offload_hidden and not (args.stream or args.parallel):
         raise ValueError("--offload-hidden applies to layer streaming: add --stream (or --parallel)")
+    if args.hold_back_mb is not None:
+        if not (args.stream or args.parallel):
+            raise ValueError("--hold-back-mb applies to layer streaming: add --stream (or --parallel)")
+        if not args.hold_back_mb >= 0:
+            raise ValueError(f"--hold-back-mb must be >= 0, got {args.hold_back_mb}")
     if args.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     if args.checkpoint_every != 1 and (args.stream or args.parallel):
@@ -198,6 +203,7 @@ def cmd_profile(args) -> int:
                 args.model, tokens, batch_size=args.batch_size, dtype=args.dtype, device=str(resolve_device(args.device)),
                 num_sink_tokens=args.num_sink_tokens, offload_hidden=args.offload_hidden, parallel=args.parallel,
                 checkpoint_dir=args.checkpoint_dir, resume=args.resume, dist_timeout_s=timeout_s,
+                hold_back=None if args.hold_back_mb is None else int(args.hold_back_mb * 2**20),
             )
             if result is not None:  # rank 0 (or one process) reports; the others wait for it
                 _report_profile(result, rule, args)
@@ -357,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--stream", action="store_true",
                        help="load one decoder layer at a time from the checkpoint (models larger than memory)")
     scale.add_argument("--offload-hidden", action="store_true", help="with --stream: keep hidden states between layers in CPU memory")
+    scale.add_argument("--hold-back-mb", type=float, default=None, metavar="MB",
+                       help="with --stream on CPU: MB of each layer's expert weights read only once the layer before is freed, "
+                            "so that resident memory stays within two layers (default: an estimate of one batch's working "
+                            "memory; 0: none)")
     scale.add_argument("--parallel", choices=["expert", "data"], default=None,
                        help="under torchrun: split each layer's experts (expert) or the calibration sequences (data) across ranks; implies --stream")
     scale.add_argument("--checkpoint-dir", default=None, help="save finished work here (every layer when streaming, else every --checkpoint-every batches)")

@@ -70,15 +70,19 @@ class LayerPlan:
         filled = {s.target for s in self.slots.values()}
         return {name: empty(t.shape, t.dtype) for name, t in self.targets.items() if name in filled}
 
-    def fill(self, out: dict[str, torch.Tensor], key: str, tensor: torch.Tensor) -> None:
-        """Copy checkpoint tensor `key` into its slot of ``out[target]`` (converting the dtype)."""
+    def slot_view(self, out: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+        """The part of ``out[target]`` that checkpoint tensor `key` fills."""
         slot = self.slots[key]
         dest = out[slot.target]
         if slot.index is not None:
             dest = dest[slot.index]
         if slot.narrow is not None:
             dest = dest.narrow(*slot.narrow)
-        dest.copy_(tensor)
+        return dest
+
+    def fill(self, out: dict[str, torch.Tensor], key: str, tensor: torch.Tensor) -> None:
+        """Copy checkpoint tensor `key` into its slot of ``out[target]`` (converting the dtype)."""
+        self.slot_view(out, key).copy_(tensor)
 
     def convert(self, model, group: Converted, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run transformers' ops of `group` on its checkpoint tensors (``key -> tensor``, each

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import threading
 import time
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from . import pages
 from .checkpoint import CheckpointReader
 from .conversion import LayerPlan, plan_layer
 from .families import is_supported, refusal_of, supported_model_types
@@ -308,15 +311,40 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+@dataclass
+class _LayerRead:
+    """A layer read on the background thread. `main` resolves to the layer's tensors once all
+    but the held-back keys (`tail`) are in; `done` (the thread's future) once those are too.
+    The tail is read only after the layers installed when the read started (`blockers`) are
+    freed; until then the forward of each module of `owners` waits for it (`hooks`)."""
+
+    what: str
+    tail: list[str]
+    tail_bytes: int
+    owners: list[nn.Module]
+    blockers: frozenset[int]
+    main: Future = field(default_factory=Future)
+    done: Future | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    hooks: list = field(default_factory=list)
+    views: list[torch.Tensor] = field(default_factory=list)  # the tail's places in the layer's tensors
+
+
 class LayerLoader:
     """Loads and frees the decoder layers of a meta skeleton from a checkpoint directory.
 
     `load_layer` reads a layer (or takes the read `prefetch` started on a background thread)
     and puts its tensors into the model on `device`; `free_layer` returns it to meta. Each
-    checkpoint tensor is copied once from the mapped shard into its final tensor.
+    checkpoint tensor is copied once from the checkpoint into its final tensor.
     `held` counts the layer bytes held at once (for the memory bound: one layer, two with a
     prefetch in flight); `read_seconds` and `wait_seconds` say how long each read took and
-    how long the caller waited for it (the part of the reading that computing did not hide). Use as a context manager, or call `close`: it cancels a read in flight.
+    how long the caller waited for it (the part of the reading that computing did not hide).
+    Use as a context manager, or call `close`: it cancels a read in flight.
+
+    Two things keep a streamed run within two layers of resident memory on CPU:
+    `reserve` faults in the next layer's buffers while the first layer is read (not while the
+    first layer computes), and `prefetch(..., hold_back=n)` leaves the last `n` bytes of a
+    layer's experts unread (their pages given back) until the layer before it is freed.
     """
 
     def __init__(
@@ -343,17 +371,24 @@ class LayerLoader:
         self.held = HeldBytes()
         self.read_seconds: dict[str, float] = {}  # part ("layer 3") -> seconds its read took
         self.wait_seconds: dict[str, float] = {}  # part -> seconds `load_layer` waited for it
+        self.tail_wait_seconds: dict[str, float] = {}  # part -> seconds its forward waited for held-back tensors
+        self.held_back: dict[str, list[str]] = {}  # part -> the checkpoint keys its read held back (file order)
         layers_name = next(n for n, m in model.named_modules() if m is self.layers)
         self._prefix = f"{layers_name}." if layers_name else ""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="superexperts-read") if background else None
-        self._pending: dict[int, Future] = {}
+        self._helper: ThreadPoolExecutor | None = None  # faults in `reserve`d buffers
+        self._pending: dict[int, _LayerRead] = {}
+        self._tails: dict[int, _LayerRead] = {}  # id(installed layer) -> its read, while its tail is out
+        self._held_back: dict[int, list[torch.Tensor]] = {}  # id(installed layer) -> its tail's places
         self._installed: dict[int, int] = {}  # id(layer) -> bytes held
+        self._freed = threading.Condition()  # guards `_installed`; notified when a layer is freed
         self._cancel = threading.Event()
         # Buffers a read allocated (part -> tensors), then the installed layer's (id -> tensors):
         # on CPU, `free_layer` keeps them as spares that the next read fills again.
         self._allocated: dict[str, list[torch.Tensor]] = {}
         self._reusable: dict[int, list[torch.Tensor]] = {}
         self._spare: dict[tuple, list[torch.Tensor]] = {}
+        self._reserved: dict[str, Future] = {}  # part -> its faulted-in buffers {(shape, dtype): [tensor]}
         self._spare_lock = threading.Lock()
 
     def __enter__(self) -> LayerLoader:
@@ -369,11 +404,13 @@ class LayerLoader:
             what=what, dtype_plan=self.dtype_plan, in_place=self.in_place,
         )
 
-    def _read(self, plan: LayerPlan, what: str, held: HeldBytes | None, expert_range=None, num_experts=None) -> dict[str, torch.Tensor]:
-        """Read and convert the tensors of `plan` (CPU); raises LayerLoadError naming `what`."""
+    def _read(self, plan: LayerPlan, what: str, held: HeldBytes | None, expert_range=None, num_experts=None,
+              job: _LayerRead | None = None) -> dict[str, torch.Tensor]:
+        """Read and convert the tensors of `plan` (CPU); raises LayerLoadError naming `what`.
+        With `job`, its `main` future gets the tensors before its `tail` keys are read."""
 
         def empty(shape, dtype):
-            t = torch.empty(shape, dtype=dtype)
+            t = pages.empty(tuple(shape), dtype)
             if held is not None:
                 held.add(t.numel() * t.element_size())
             return t
@@ -381,22 +418,35 @@ class LayerLoader:
         start = time.perf_counter()
         out: dict[str, torch.Tensor] = {}
         key = None
+        tail = job.tail if job is not None else []
+        handed = False  # whether `out` was handed to the caller (its bytes are then the layer's)
         try:
-            # The freed layer's buffers that fit first, the rest of them released, then new ones.
-            allocated = plan.allocate(self._take_spare if held is not None else lambda shape, dtype: None)
+            # Buffers `reserve`d for this part, then the freed layer's that fit (the rest of them
+            # released), then new ones.
+            reserved = self._reserved.pop(what, None)
+            reserved = reserved.result() if reserved is not None else {}
+            def take(shape, dtype):
+                t = _pop(reserved, shape, dtype)
+                return t if t is not None or held is None else self._take_spare(shape, dtype)
+
+            allocated = plan.allocate(take)
+            self.held.sub(sum(t.numel() * t.element_size() for ts in reserved.values() for t in ts))
             self._drop_spares()
             for name, t in allocated.items():
                 if t is None:
                     allocated[name] = empty(plan.targets[name].shape, plan.targets[name].dtype)
             out.update(allocated)
+            if job is not None:
+                job.views = [plan.slot_view(out, k) for k in tail]
+            for v in job.views if job is not None else []:
+                pages.release(v)
             group_of = {k: g for g in plan.converted for keys in g.sources.values() for k in keys}
             collected: dict[int, dict[str, torch.Tensor]] = {id(g): {} for g in plan.converted}
-            keys = self.reader.file_order(plan.keys())
-            stream = self.reader.tensors(keys, dtype=self.dtype, expert_range=expert_range, num_experts=num_experts)
+            held_back = set(tail)
+            keys = self.reader.file_order([k for k in plan.keys() if k not in held_back])
+            stream = self._tensors(keys, expert_range, num_experts)
             for key in keys:  # the reader yields in this order: an error in next() is this key's
-                _, tensor = next(stream)
-                if self._cancel.is_set():
-                    raise _Cancelled
+                tensor = next(stream)
                 if key in plan.slots:
                     plan.fill(out, key, tensor)
                 else:
@@ -408,23 +458,48 @@ class LayerLoader:
                     out[name] = t
                     if held is not None:
                         held.add(t.numel() * t.element_size())
-        except BaseException as e:
+            self.read_seconds[what] = time.perf_counter() - start
             if held is not None:
+                self._allocated[what] = list(allocated.values())
+            if job is None:
+                return out
+            job.main.set_result(out)
+            handed = True
+            if tail:
+                self._wait_for_blockers(job)
+                start = time.perf_counter()
+                stream = self._tensors(tail, expert_range, num_experts)
+                for key in tail:
+                    plan.fill(out, key, next(stream))
+                key = None
+                self.read_seconds[what] += time.perf_counter() - start
+        except BaseException as e:
+            if held is not None and not handed:
                 held.sub(_nbytes(out))
             if isinstance(e, (_Cancelled, KeyboardInterrupt)):
                 raise
             where = f"{key} in {self.reader.dir / self.reader.weight_map[key]}" if key else str(self.reader.dir)
             raise LayerLoadError(f"{what}: reading {where} failed: {type(e).__name__}: {e}") from e
-        self.read_seconds[what] = time.perf_counter() - start
-        if held is not None:
-            self._allocated[what] = list(allocated.values())
         return out
+
+    def _tensors(self, keys: list[str], expert_range, num_experts) -> Iterator[torch.Tensor]:
+        """The tensors of `keys` (`CheckpointReader.tensors`, in that order), stopping at `close`."""
+        for _, tensor in self.reader.tensors(keys, dtype=self.dtype, expert_range=expert_range, num_experts=num_experts):
+            if self._cancel.is_set():
+                raise _Cancelled
+            yield tensor
+
+    def _wait_for_blockers(self, job: _LayerRead) -> None:
+        with self._freed:
+            while any(b in self._installed for b in job.blockers):
+                if self._cancel.is_set() or job.cancel.is_set():
+                    raise _Cancelled
+                self._freed.wait(0.1)
 
     def _take_spare(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """A buffer of a freed layer with this shape and dtype (its bytes still in `held`), or None."""
         with self._spare_lock:
-            free = self._spare.get((tuple(shape), dtype))
-            return free.pop() if free else None
+            return _pop(self._spare, shape, dtype)
 
     def _drop_spares(self) -> None:
         """Release the freed layer's buffers that no read took."""
@@ -471,31 +546,127 @@ class LayerLoader:
             raise ValueError(f"{what}: no checkpoint tensor for {missing[:4]} in {self.reader.dir}")
         return plan, (what, self.held, expert_range, num_global)
 
-    def prefetch(self, index: int, parts: LayerParts, shard: ExpertShard | None = None) -> None:
-        """Start reading layer `index` on the background thread (no-op without one)."""
+    def _tail(self, plan: LayerPlan, parts: LayerParts, hold_back: int, expert_range, num_experts) -> tuple[list[str], int]:
+        """The experts' checkpoint keys (last in file order) holding at least `hold_back`
+        bytes of the layer, at most all of its experts' tensors, and their bytes."""
+        if hold_back <= 0 or parts.experts is None or self.device.type != "cpu":
+            return [], 0
+        prefix = next(n for n, m in self.model.named_modules() if m is parts.experts) + "."
+        own = {f"{prefix}{n}" for n, _ in parts.experts.named_parameters(recurse=False)}
+        keys = self.reader.file_order([k for k, slot in plan.slots.items() if slot.target in own])
+        tail, total = [], 0
+        for key in reversed(keys):
+            if total >= hold_back:
+                break
+            tail.append(key)
+            total += math.prod(self.reader.shape(key, expert_range, num_experts)) * plan.targets[plan.slots[key].target].dtype.itemsize
+        return self.reader.file_order(tail), total
+
+    def prefetch(self, index: int, parts: LayerParts, shard: ExpertShard | None = None, *, hold_back: int = 0) -> None:
+        """Start reading layer `index` on the background thread (no-op without one).
+
+        hold_back: on CPU, about this many bytes of the layer's expert tensors (the last in
+            file order) are read only once the layers installed now are freed; `load_layer`
+            puts the layer in place without them, and the experts' first forward waits for
+            them (free the layers before running this one)."""
         if self._pool is None or index in self._pending or not 0 <= index < len(self.layers):
             return
         plan, args = self._layer_plan(index, parts, shard)
-        self._pending[index] = self._pool.submit(self._read, plan, *args)
+        tail, tail_bytes = self._tail(plan, parts, hold_back, *args[2:])
+        with self._freed:
+            blockers = frozenset(self._installed)
+        job = _LayerRead(args[0], tail, tail_bytes, [parts.experts] if tail else [], blockers)
+        if tail:
+            self.held_back[args[0]] = tail
+        job.done = self._pool.submit(self._run_read, plan, args, job)
+        self._pending[index] = job
+
+    def _run_read(self, plan: LayerPlan, args: tuple, job: _LayerRead) -> dict[str, torch.Tensor]:
+        try:
+            return self._read(plan, *args, job=job)
+        except BaseException as e:
+            if not job.main.done():
+                job.main.set_exception(e)
+            raise
+
+    def reserve(self, index: int, parts: LayerParts, shard: ExpertShard | None = None, *, hold_back: int = 0) -> None:
+        """On CPU with a background thread, allocate layer `index`'s buffers now and fault their
+        pages in on a helper thread, for that layer's read to fill (call it while the layer
+        before is being read: the first freshly allocated layer read while another computes
+        otherwise faults its pages in on the CPUs the computation uses). The pages of the
+        `hold_back` tail (as `prefetch` gives it) are left out."""
+        what = f"layer {index}"
+        if self._pool is None or self.device.type != "cpu" or what in self._reserved or not 0 <= index < len(self.layers):
+            return
+        plan, args = self._layer_plan(index, parts, shard)
+        tail, _ = self._tail(plan, parts, hold_back, *args[2:])
+        shapes = plan.allocate(lambda shape, dtype: (tuple(shape), dtype))
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="superexperts-reserve")
+
+        def fault_in() -> dict[tuple, list[torch.Tensor]]:
+            got: dict[tuple, list[torch.Tensor]] = {}
+            views = {}
+            for name, (shape, dtype) in shapes.items():
+                t = pages.empty(shape, dtype)
+                self.held.add(t.numel() * t.element_size())
+                got.setdefault((shape, dtype), []).append(t)
+                views[name] = t
+            for name, t in views.items():
+                if self._cancel.is_set():
+                    break
+                skip = []
+                for key in tail:
+                    if plan.slots[key].target == name:
+                        v = plan.slot_view(views, key)
+                        skip.append((v.data_ptr() - t.data_ptr(), v.data_ptr() - t.data_ptr() + v.numel() * v.element_size()))
+                pages.touch(t, skip)
+            return got
+
+        self._reserved[what] = self._helper.submit(fault_in)
 
     def load_layer(self, index: int, parts: LayerParts, shard: ExpertShard | None = None) -> nn.Module:
         """Put decoder layer `index` on the device (the prefetched read, or a read now); with
         `shard`, only those experts."""
         start = time.perf_counter()
-        future = self._pending.pop(index, None)
-        if future is not None:
-            tensors = future.result()
+        job = self._pending.pop(index, None)
+        if job is not None:
+            tensors = job.main.result()
         else:
             plan, args = self._layer_plan(index, parts, shard)
             tensors = self._read(plan, *args)
         self.wait_seconds[f"layer {index}"] = time.perf_counter() - start
         layer = self.layers[index]
         self._install(tensors)
-        self._installed[id(layer)] = self._installed.get(id(layer), 0) + _nbytes(tensors)
+        with self._freed:
+            self._installed[id(layer)] = self._installed.get(id(layer), 0) + _nbytes(tensors)
         allocated = self._allocated.pop(f"layer {index}", [])
         if self.device.type == "cpu":  # installed as they are (elsewhere: copied to the device)
             self._reusable.setdefault(id(layer), []).extend(allocated)
+        if job is not None and job.tail:
+            self._tails[id(layer)] = job
+            self._held_back[id(layer)] = job.views
+            job.hooks = [m.register_forward_pre_hook(lambda *_, layer=layer: self._await_tail(layer)) for m in job.owners]
         return layer
+
+    def _await_tail(self, layer: nn.Module) -> None:
+        """Wait for the held-back tensors of `layer` (raises the read's error)."""
+        job = self._tails.get(id(layer))
+        if job is None:
+            return
+        with self._freed:
+            blocked = not job.done.done() and any(b in self._installed for b in job.blockers)
+        if blocked:
+            raise RuntimeError(
+                f"{job.what}: its last {job.tail_bytes / 2**20:.0f} MB of expert tensors are read once the layers loaded "
+                "before it are freed (hold_back): free them before running it"
+            )
+        del self._tails[id(layer)]
+        for h in job.hooks:
+            h.remove()
+        start = time.perf_counter()
+        job.done.result()
+        self.tail_wait_seconds[job.what] = time.perf_counter() - start
 
     def layer_bytes(self, layer: nn.Module) -> int:
         """Bytes of the tensors (parameters and buffers) loaded into `layer`."""
@@ -505,28 +676,54 @@ class LayerLoader:
         """Return a loaded layer's tensors to the meta device. On CPU the buffers the reads
         allocated for it are kept for the next read (which fills them again instead of
         faulting in fresh zeroed pages), and released once that read has taken what fits."""
+        job = self._tails.pop(id(layer), None)
+        if job is not None:  # its held-back tensors are no longer wanted: stop writing them
+            job.cancel.set()
+            for h in job.hooks:
+                h.remove()
+            with contextlib.suppress(BaseException):
+                job.done.result()
         layer.to("meta")
         kept = self._reusable.pop(id(layer), [])
+        for v in self._held_back.pop(id(layer), []) if kept else []:
+            pages.release(v)  # a later read of this shape holds the same places back: not resident meanwhile
         with self._spare_lock:
             for t in kept:
                 self._spare.setdefault((tuple(t.shape), t.dtype), []).append(t)
-        self.held.sub(self._installed.pop(id(layer), 0) - sum(t.numel() * t.element_size() for t in kept))
+        with self._freed:
+            installed = self._installed.pop(id(layer), 0)
+            self._freed.notify_all()
+        self.held.sub(installed - sum(t.numel() * t.element_size() for t in kept))
 
     def close(self) -> None:
-        """Cancel the reads in flight and stop the background thread."""
+        """Cancel the reads in flight and stop the background threads."""
         self._cancel.set()
-        if self._pool is not None:
-            for future in self._pending.values():
-                future.cancel()
-            self._pool.shutdown(wait=True)
-        for future in self._pending.values():
+        with self._freed:
+            self._freed.notify_all()
+        for pool in (self._pool, self._helper):
+            if pool is not None:
+                for job in self._pending.values():
+                    job.done.cancel()
+                pool.shutdown(wait=True)
+        for job in self._pending.values():
+            if job.main.done() and job.main.exception() is None:
+                self.held.sub(_nbytes(job.main.result()))
+        for future in self._reserved.values():
             if not future.cancelled() and future.exception() is None:
-                self.held.sub(_nbytes(future.result()))
+                self.held.sub(sum(t.numel() * t.element_size() for ts in future.result().values() for t in ts))
         self._pending.clear()
+        self._reserved.clear()
         self._drop_spares()
         self._allocated.clear()
         self._reusable.clear()
+        self._held_back.clear()
         self.reader.close()
+
+
+def _pop(pool: dict[tuple, list[torch.Tensor]], shape, dtype: torch.dtype) -> torch.Tensor | None:
+    """Take a tensor of this shape and dtype out of `pool` (``(shape, dtype) -> [tensor]``)."""
+    free = pool.get((tuple(shape), dtype))
+    return free.pop() if free else None
 
 
 def _resize_meta_experts(experts: nn.Module, count: int) -> None:

@@ -5,8 +5,10 @@ from the memory-mapped safetensors shards and written once into the model's layo
 transformers' own conversion mapping (per-expert checkpoint tensors fused into
 ``gate_up_proj`` / ``down_proj``, FP8 block-scaled weights dequantized; `superexperts.loading`),
 placed on the device, run on every calibration batch, and freed (back to meta). Layer l+1 is
-read on a background thread while layer l computes, so at most two layers are held at once;
-the hidden states between layers stay on the device or, with ``offload_hidden``, in CPU memory.
+read on a background thread while layer l computes, so at most two layers are held at once; on
+CPU the last part of its experts (``hold_back``, about one batch's working memory) is read only
+once layer l is freed, so that two layers and the computation fit in two layers of memory. The
+hidden states between layers stay on the device or, with ``offload_hidden``, in CPU memory.
 
 Each layer's other inputs (masks, rotary tables, positions) come from one pass per batch of
 the model's own forward with stand-ins for the decoder layers that record their arguments,
@@ -32,7 +34,7 @@ from .collector import collecting
 from .dense import fast_dense_linears
 from .distributed import ExpertShard
 from .integration import describe_model, hook_layer
-from .layers import LayerParts, decoder_layers, find_layers
+from .layers import LayerParts, decoder_layers, find_layers, text_config
 from .loading import LayerLoader, build_skeleton, resolve_dtype
 from .result import ProfileResult
 from .sweep import ProfileRun, checkpoint_identity
@@ -50,6 +52,8 @@ class StreamStats:
         None elsewhere).
     read_seconds / wait_seconds: per layer, how long reading it took, and how long the
         computation waited for it (reading that computing the previous layer did not hide).
+    hold_back_bytes: bytes of each layer's experts read only once the layer before was freed.
+    tail_wait_seconds: per layer, how long its experts waited for those bytes.
     """
 
     base_param_bytes: int = 0
@@ -59,6 +63,26 @@ class StreamStats:
     base_rss_bytes: int | None = None
     read_seconds: list[float] = field(default_factory=list)
     wait_seconds: list[float] = field(default_factory=list)
+    hold_back_bytes: int = 0
+    tail_wait_seconds: list[float] = field(default_factory=list)
+
+
+HOLD_BACK_FLOOR = 96 << 20
+HOLD_BACK_ACTIVATIONS = 12
+
+
+def default_hold_back(config, tokens_per_batch: int, dtype: torch.dtype) -> int:
+    """Bytes of each layer's experts that a streamed run on CPU reads only once the layer before
+    is freed, so that two layers and the computation fit in two layers of memory: an estimate of
+    one batch's working memory through one layer, `HOLD_BACK_ACTIVATIONS` rows of ``hidden +
+    top_k * 2 * expert_intermediate`` values per token (about 7 were measured at Qwen3-30B-A3B
+    shapes), plus `HOLD_BACK_FLOOR` (the reader's two windows, the first call's allocations)."""
+    cfg = text_config(config)
+    hidden = getattr(cfg, "hidden_size", 0) or 0
+    top_k = next((v for v in (getattr(cfg, a, None) for a in ("num_experts_per_tok", "moe_topk", "top_k")) if isinstance(v, int)), 1)
+    inter = next((v for v in (getattr(cfg, a, None) for a in ("moe_intermediate_size", "intermediate_size")) if isinstance(v, int)), 0)
+    per_token = (hidden + top_k * 2 * inter) * dtype.itemsize
+    return HOLD_BACK_FLOOR + HOLD_BACK_ACTIVATIONS * tokens_per_batch * per_token
 
 
 def _param_bytes(module: nn.Module) -> int:
@@ -216,6 +240,7 @@ def stream_profile(
     resume: bool = False,
     progress: bool = True,
     prefetch: bool = True,
+    hold_back: int | None = None,
     memory: StreamStats | None = None,
 ) -> ProfileResult | None:
     """Profile a checkpoint directory one decoder layer at a time.
@@ -229,6 +254,9 @@ def stream_profile(
             run from its last finished layer.
         prefetch: read layer l+1 on a background thread while layer l computes (False: read
             each layer when it is needed).
+        hold_back: with `prefetch` on CPU, bytes of each layer's expert tensors read only once
+            the layer before is freed (the experts' first forward waits for them), so that the
+            resident memory stays within two layers; None: `default_hold_back`, 0: none.
         memory: filled with the run's memory figures (`StreamStats`).
 
     Returns:
@@ -280,7 +308,12 @@ def stream_profile(
         world=world,
         dtype=str(dtype),
     )
+    if hold_back is None:
+        hold_back = default_hold_back(model.config, batch_size * seq_len, dtype) if prefetch and device.type == "cpu" else 0
+    elif hold_back < 0:
+        raise ValueError(f"hold_back must be >= 0 bytes, got {hold_back}")
     memory = memory if memory is not None else StreamStats()
+    memory.hold_back_bytes = hold_back
     stats = run.stats
     with LayerLoader(model, model_dir, dtype=dtype, device=device, background=prefetch) as loader:
         loader.load_base()
@@ -298,7 +331,9 @@ def stream_profile(
         hidden = resumed if resumed is not None else hidden
         memory.base_rss_bytes = _rss_bytes()
         if run.done < len(parts):
-            loader.prefetch(run.done, parts[run.done], shards[run.done])
+            loader.prefetch(run.done, parts[run.done], shards[run.done], hold_back=hold_back)
+            if run.done + 1 < len(parts):
+                loader.reserve(run.done + 1, parts[run.done + 1], shards[run.done + 1], hold_back=hold_back)
         bar = tqdm(total=(len(parts) - run.done) * tokens.numel(), desc=f"stream rank {rank}" if par else "stream",
                    unit="tok", unit_scale=True, disable=not progress or rank != 0, dynamic_ncols=True)
         with run.timed():
@@ -308,7 +343,7 @@ def stream_profile(
                 handles = []
                 try:
                     if index + 1 < len(parts):
-                        loader.prefetch(index + 1, parts[index + 1], shards[index + 1])
+                        loader.prefetch(index + 1, parts[index + 1], shards[index + 1], hold_back=hold_back)
                     memory.layer_param_bytes.append(loader.layer_bytes(layer))
                     memory.peak_param_bytes = max(memory.peak_param_bytes, _param_bytes(model))
                     handles = hook_layer(p, stats)
@@ -325,6 +360,7 @@ def stream_profile(
         layers_read = [f"layer {i}" for i in range(run.done, len(parts))]
         memory.read_seconds = [loader.read_seconds[w] for w in layers_read]
         memory.wait_seconds = [loader.wait_seconds[w] for w in layers_read]
+        memory.tail_wait_seconds = [loader.tail_wait_seconds.get(w, 0.0) for w in layers_read]
 
     if par is not None:
         _dist.reduce_stats(stats, par)
