@@ -65,3 +65,14 @@ def test_a_freed_buffer_leaves_the_process():
     assert rss() - before >= 60 * MB
     del buf
     assert rss() - before <= 8 * MB
+
+
+def test_mapped_falls_back_to_malloc_when_no_mapping_is_left(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(pages.mmap, "mmap", refuse)
+    buf = pages.mapped(3 * pages.PAGE)
+    assert buf.numel() == 3 * pages.PAGE and buf.data_ptr() % pages.PAGE == 0
+    buf.fill_(5)
+    assert pages.release(buf) == 3 * pages.PAGE and torch.all(buf == 0)

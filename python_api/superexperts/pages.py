@@ -35,11 +35,14 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def mapped(nbytes: int) -> torch.Tensor:
     """``[nbytes]`` uint8, uninitialised, page-aligned: an anonymous mapping of its own."""
-    if _PRIVATE is None:
-        raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
-        return raw[-raw.data_ptr() % PAGE :][:nbytes]
-    # Private: a shared anonymous mapping keeps the pages `release` unmaps (shared memory).
-    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=_PRIVATE), dtype=torch.uint8)
+    if _PRIVATE is not None:
+        try:
+            # Private: a shared anonymous mapping keeps the pages `release` unmaps (shared memory).
+            return torch.frombuffer(mmap.mmap(-1, nbytes, flags=_PRIVATE), dtype=torch.uint8)
+        except OSError:  # out of mappings (vm.max_map_count): malloc's memory serves as well
+            pass
+    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
+    return raw[-raw.data_ptr() % PAGE :][:nbytes]
 
 
 def touch(t: torch.Tensor, skip: list[tuple[int, int]] = ()) -> None:
