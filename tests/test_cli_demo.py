@@ -68,6 +68,20 @@ def test_profile_command_writes_reports(demo, tmp_path, capsys):
     assert (tmp_path / "ab" / "sink_decay.png").is_file()
 
 
+def test_streamed_profile_command_equals_the_in_memory_one(demo, tmp_path):
+    """`--stream`, with the default held-back tail, a small one and none: the same statistics,
+    bit for bit, as the in-memory run."""
+    common = ["--model", str(demo.model_dir), "--calib", str(demo.calibration), "--num-samples", "8", "--seq-len", "64",
+              "--batch-size", "4", "--no-plots"]
+    assert main(["profile", *common, "--out", str(tmp_path / "in_memory")]) == 0
+    want = ProfileResult.load(tmp_path / "in_memory").tensors()
+    for name, extra in (("default", []), ("small", ["--hold-back-mb", "0.01"]), ("none", ["--hold-back-mb", "0"])):
+        assert main(["profile", *common, "--stream", *extra, "--out", str(tmp_path / name)]) == 0
+        got = ProfileResult.load(tmp_path / name).tensors()
+        assert set(got) == set(want)
+        assert not [k for k in want if not torch.equal(got[k], want[k])], name
+
+
 def test_prune_eval_with_explicit_experts(demo, capsys):
     rc = main(["prune-eval", "--model", str(demo.model_dir), "--experts", "1,68", "--eval", str(demo.eval),
                "--num-samples", "2", "--seq-len", "32"])
