@@ -555,3 +555,14 @@ def test_reserved_buffers_are_filled_by_the_layers_read(checkpoint):
             assert torch.equal(second.state_dict()[name], w), name
         loader.free_layer(second)
     assert loader.held.now == 0  # layer 2's reservation, never read, released by close
+
+
+def test_negative_hold_back_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    path = _save("qwen3_moe", tmp_path / "ckpt")
+
+    def no_skeleton(*args, **kwargs):
+        raise AssertionError("built a skeleton for a refused run")
+
+    monkeypatch.setattr("superexperts.streaming.build_skeleton", no_skeleton)
+    with pytest.raises(ValueError, match=r"hold_back must be >= 0 bytes, got -1"):
+        stream_profile(path, tokens(2, 16), dtype="float32", progress=False, hold_back=-1)

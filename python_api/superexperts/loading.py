@@ -438,8 +438,8 @@ class LayerLoader:
             out.update(allocated)
             if job is not None:
                 job.views = [plan.slot_view(out, k) for k in tail]
-            for v in job.views if job is not None else []:
-                pages.release(v)
+                for v in job.views:
+                    pages.release(v)
             group_of = {k: g for g in plan.converted for keys in g.sources.values() for k in keys}
             collected: dict[int, dict[str, torch.Tensor]] = {id(g): {} for g in plan.converted}
             held_back = set(tail)
@@ -700,10 +700,12 @@ class LayerLoader:
         self._cancel.set()
         with self._freed:
             self._freed.notify_all()
+        for job in self._pending.values():
+            job.done.cancel()
+        for future in self._reserved.values():
+            future.cancel()
         for pool in (self._pool, self._helper):
             if pool is not None:
-                for job in self._pending.values():
-                    job.done.cancel()
                 pool.shutdown(wait=True)
         for job in self._pending.values():
             if job.main.done() and job.main.exception() is None:

@@ -266,6 +266,8 @@ def stream_profile(
     check_sink_tokens(num_sink_tokens, calibration.shape[1])
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if hold_back is not None and not hold_back >= 0:
+        raise ValueError(f"hold_back must be >= 0 bytes, got {hold_back}")
     device = torch.device(_dist.local_device(str(device)))
     par = _dist.init(parallel, device, dist_timeout_s) if parallel else None
     rank, world = (par.rank, par.world) if par else (0, 1)
@@ -310,8 +312,6 @@ def stream_profile(
     )
     if hold_back is None:
         hold_back = default_hold_back(model.config, batch_size * seq_len, dtype) if prefetch and device.type == "cpu" else 0
-    elif hold_back < 0:
-        raise ValueError(f"hold_back must be >= 0 bytes, got {hold_back}")
     memory = memory if memory is not None else StreamStats()
     memory.hold_back_bytes = hold_back
     stats = run.stats
